@@ -1,0 +1,1 @@
+"""Pydantic models of the documents isobox reads and writes, and pure conversions."""

@@ -1,0 +1,113 @@
+"""Test set-up: isolated ISOBOX_ROOT / ISOBOX_RUN, and capability markers probed by trying.
+
+Each marker in pyproject.toml names what a test needs. Before a marked test runs, the probe
+for that capability *tries* it (creates a mount namespace, mounts an overlay, runs the tool)
+and caches the answer. A test whose capability is missing is skipped with the probe's
+reason, except with ``CI=true`` or ``ISOBOX_TEST_STRICT=1``, where it fails instead: a
+missing capability can never pass silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+STRICT = os.environ.get("CI", "").lower() == "true" or os.environ.get(
+    "ISOBOX_TEST_STRICT", ""
+) not in ("", "0")
+
+
+def _run(*argv: str) -> tuple[bool, str]:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"{argv[0]}: {exc}"
+    if proc.returncode != 0:
+        return False, f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()[:200]}"
+    return True, ""
+
+
+@functools.cache
+def probe_root() -> tuple[bool, str]:
+    if os.geteuid() != 0:
+        return False, "not running as root"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            os.mknod(os.path.join(tmp, "null"), 0o600 | 0o020000, os.makedev(1, 3))
+            os.chown(os.path.join(tmp, "null"), 1234, 1234)
+        except OSError as exc:
+            return False, f"root without CAP_MKNOD/CAP_CHOWN: {exc}"
+    return True, ""
+
+
+@functools.cache
+def probe_overlay() -> tuple[bool, str]:
+    ok, why = probe_root()
+    if not ok:
+        return ok, why
+    with tempfile.TemporaryDirectory() as tmp:
+        for d in ("lower", "upper", "work", "merged"):
+            os.mkdir(os.path.join(tmp, d))
+        opts = f"lowerdir={tmp}/lower,upperdir={tmp}/upper,workdir={tmp}/work"
+        # Try it in a private mount namespace so nothing is left mounted on the host.
+        return _run(
+            "unshare", "-m", "--propagation", "private",
+            "mount", "-t", "overlay", "overlay", "-o", opts, f"{tmp}/merged",
+        )
+
+
+@functools.cache
+def probe_tool(name: str) -> tuple[bool, str]:
+    if shutil.which(name) is None:
+        return False, f"{name} is not installed (make setup installs it)"
+    return _run(name, "--version") if name != "debootstrap" else (True, "")
+
+
+PROBES: dict[str, Callable[[], tuple[bool, str]]] = {
+    "root": probe_root,
+    "overlay": probe_overlay,
+}
+
+
+def _require(ok_why: tuple[bool, str], what: str) -> None:
+    ok, why = ok_why
+    if ok:
+        return
+    msg = f"capability {what!r} missing: {why}"
+    if STRICT:
+        pytest.fail(f"{msg} (strict mode: CI=true or ISOBOX_TEST_STRICT=1)", pytrace=False)
+    pytest.skip(msg)
+
+
+def require_tool(name: str) -> None:
+    """Inside a ``tools``-marked test: the named host tool must work."""
+    _require(probe_tool(name), f"tool {name}")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers():
+        probe = PROBES.get(mark.name)
+        if probe is not None:
+            _require(probe(), mark.name)
+        elif mark.name in ("vm", "kvm", "cgroup1", "cgroup2", "net"):
+            # Probes for these arrive with the issues that build them; until then a test
+            # carrying the marker must not pass silently.
+            _require((False, "no probe for this capability yet"), mark.name)
+
+
+@pytest.fixture(autouse=True)
+def isobox_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Every test gets a fresh ISOBOX_ROOT and ISOBOX_RUN under its temporary folder, so no
+    test ever touches /var/lib/isobox or /run/isobox. Yields the root."""
+    root = tmp_path / "isobox-root"
+    run = tmp_path / "isobox-run"
+    monkeypatch.setenv("ISOBOX_ROOT", str(root))
+    monkeypatch.setenv("ISOBOX_RUN", str(run))
+    yield root

@@ -1,0 +1,136 @@
+"""The one-way layer rule of DESIGN.md, and the code standards (mypy --strict, ruff).
+
+Every module of isobox belongs to a row; a module may import only from rows below its own
+(and from itself). The check walks the AST of every source file, so a forbidden import
+anywhere, even inside a function, fails here.
+"""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "isobox"
+
+# Top-level module or package of isobox -> row (DESIGN.md, "Layers").
+ROWS: dict[str, int] = {
+    "__init__": 0,  # version only
+    "_sys": 0,
+    "spec": 0,
+    "errors": 0,
+    "paths": 0,
+    "statedb": 0,
+    "jobs": 1,
+    "storage": 1,
+    "network": 1,
+    "agent.protocol": 1,
+    "silo": 2,
+    "agent.client": 2,
+    "uvm": 3,
+    "agent.guest": 3,
+    "compute": 4,
+    "api": 5,
+    "oci": 5,
+    "client": 6,
+    "cli": 6,
+}
+# Row-0 modules are independent of each other except for the error tree.
+ROW0_ALLOWED = {"errors", "__init__"}
+
+
+def _unit(module: str) -> str:
+    """The ROWS key of a dotted module path below isobox."""
+    parts = module.split(".")
+    if len(parts) >= 2 and ".".join(parts[:2]) in ROWS:
+        return ".".join(parts[:2])
+    return parts[0]
+
+
+def _module_of(path: Path) -> str:
+    rel = path.relative_to(SRC).with_suffix("")
+    parts = [p for p in rel.parts if p != "__init__"] or ["__init__"]
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: list[tuple[int, str]] = []
+    pkg = _module_of(path).split(".")
+    if path.name != "__init__.py":
+        pkg = pkg[:-1]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg[: len(pkg) - node.level + 1]
+                mod = ".".join(["isobox", *base, *([node.module] if node.module else [])])
+            else:
+                mod = node.module or ""
+            found.append((node.lineno, mod))
+    return [(ln, m.removeprefix("isobox.")) for ln, m in found if m.startswith("isobox.")]
+
+
+def _sources() -> list[Path]:
+    return sorted(SRC.rglob("*.py"))
+
+
+def test_every_module_has_a_row() -> None:
+    missing = sorted({_unit(_module_of(p)) for p in _sources()} - set(ROWS))
+    assert not missing, f"modules with no row in DESIGN.md's table: {missing}"
+
+
+def test_imports_go_down_only() -> None:
+    violations = []
+    for path in _sources():
+        here = _unit(_module_of(path))
+        for line, target in _imports(path):
+            there = _unit(target)
+            if there == here:
+                continue
+            if ROWS[here] == 0:
+                allowed = there in ROW0_ALLOWED
+            else:
+                allowed = ROWS[there] < ROWS[here]
+            if not allowed:
+                violations.append(f"{path.relative_to(SRC)}:{line}: {here} imports {there}")
+    assert not violations, "imports against the layer rule:\n" + "\n".join(violations)
+
+
+def test_the_walker_catches_an_upward_import(tmp_path: Path) -> None:
+    # The rule above must be able to fail: a storage module importing the CLI is caught.
+    bad = SRC / "storage" / "_layer_rule_probe.py"
+    bad.write_text("def f() -> None:\n    from isobox.cli import main\n")
+    try:
+        with pytest.raises(AssertionError, match="storage imports cli"):
+            test_imports_go_down_only()
+    finally:
+        bad.unlink()
+
+
+def _tool(name: str) -> str:
+    exe = Path(sys.executable).parent / name
+    found = str(exe) if exe.exists() else shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: make setup installs the dev extras")
+    return found
+
+
+def test_mypy_strict() -> None:
+    proc = subprocess.run(
+        [_tool("mypy")], cwd=SRC.parent.parent, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ruff() -> None:
+    proc = subprocess.run(
+        [_tool("ruff"), "check", "src", "tests", "bench"], cwd=SRC.parent.parent,
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
