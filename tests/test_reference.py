@@ -30,3 +30,11 @@ def test_parse(text: str, name: str, tag: str | None, digest: str | None) -> Non
 def test_bad_references_are_refused(text: str) -> None:
     with pytest.raises(InvalidReference):
         parse_reference(text)
+
+
+def test_familiar_names() -> None:
+    from isobox.spec.reference import familiar
+
+    assert familiar("docker.io/library/busybox:1") == "busybox:1"
+    assert familiar("docker.io/team/app") == "team/app"
+    assert familiar("quay.io/x/y:2") == "quay.io/x/y:2"

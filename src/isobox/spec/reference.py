@@ -67,3 +67,11 @@ def parse_reference(text: str, *, default_tag: bool = True) -> Reference:
     if tag is None and digest is None and default_tag:
         tag = DEFAULT_TAG
     return Reference(rest, tag, digest)
+
+
+def familiar(text: str) -> str:
+    """Docker Hub's long form as people write it: ``docker.io/library/x:1`` is ``x:1``."""
+    for prefix in ("docker.io/library/", "index.docker.io/library/", "docker.io/"):
+        if text.startswith(prefix):
+            return text[len(prefix) :]
+    return text

@@ -1,0 +1,1 @@
+"""The docker-like ``isobox`` command line."""

@@ -1,0 +1,1 @@
+"""Image storage: blobs, layers, images."""
