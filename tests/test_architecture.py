@@ -93,10 +93,8 @@ def test_imports_go_down_only() -> None:
             there = _unit(target)
             if there == here:
                 continue
-            if ROWS[here] == 0:
-                allowed = there in ROW0_ALLOWED
-            else:
-                allowed = ROWS[there] < ROWS[here]
+            row0 = ROWS[here] == 0
+            allowed = there in ROW0_ALLOWED if row0 else ROWS[there] < ROWS[here]
             if not allowed:
                 violations.append(f"{path.relative_to(SRC)}:{line}: {here} imports {there}")
     assert not violations, "imports against the layer rule:\n" + "\n".join(violations)

@@ -127,3 +127,17 @@ def test_busybox_bootstrap_is_deterministic_and_runs(tmp_path: Path, isobox_env:
     run("skopeo", "copy", f"oci-archive:{tmp_path}/bb.tar:latest", f"oci:{tmp_path}/bb:latest")
     run("umoci", "unpack", "--image", f"{tmp_path}/bb:latest", str(bundle))
     assert (bundle / "rootfs" / "bin" / "busybox").stat().st_size > 500_000
+
+
+@pytest.mark.slow
+def test_debian_bootstrap_has_a_working_python(isobox_env: Path) -> None:
+    require_tool("debootstrap")
+    from isobox.storage.bootstrap import bootstrap_debian
+
+    store = ImageStore(isobox_env)
+    img = bootstrap_debian(store)
+    assert img.tags == ["debian:bookworm"]
+    root = store.layer_diff(img.layers[0].chain_id)
+    out = run("chroot", str(root), "python3", "-c", "import json, sys; print(sys.version_info[:2])")
+    assert out == "(3, 11)\n"
+    assert not any((root / "var/cache/apt/archives").glob("*.deb"))
