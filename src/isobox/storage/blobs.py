@@ -27,6 +27,16 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def digest_stream(fh: BinaryIO) -> tuple[str, int]:
+    """``(sha256:<hex>, size)`` of everything left in ``fh``."""
+    h = hashlib.sha256()
+    size = 0
+    while chunk := fh.read(CHUNK):
+        h.update(chunk)
+        size += len(chunk)
+    return "sha256:" + h.hexdigest(), size
+
+
 def digest_hex(digest: str) -> str:
     """The hex part of ``sha256:<hex>``; refuses anything else (it becomes a file name)."""
     algo, _, hexpart = digest.partition(":")

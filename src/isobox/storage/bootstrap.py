@@ -99,28 +99,38 @@ def busybox_rootfs(binary: Path, dest: Path) -> str:
 
 
 def bootstrap_busybox(store: ImageStore, name: str = "busybox:latest") -> ImageRecord:
-    from isobox.storage.importer import layer_image
-    from isobox.storage.layer_tar import pack_layer
-
     with tempfile.TemporaryDirectory(prefix="isobox-bootstrap-") as tmp:
         work = Path(tmp)
         rootfs = work / "rootfs"
         rootfs.mkdir()
         version = busybox_rootfs(find_static_busybox(work), rootfs)
-        with open(work / "layer.tar.gz", "w+b") as layer:
-            pack_layer(rootfs, layer, compression="gzip", mtime=0)
-            img = layer_image(
-                layer,
-                "gzip",
-                history=f"isobox image bootstrap busybox (Debian busybox-static {version})",
-                exec_config=ExecConfig(
-                    env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
-                    cmd=["sh"],
-                    labels={"org.opencontainers.image.version": version},
-                ),
-                created=EPOCH,
-            )
-            return store.import_image(img, name)
+        return _store_rootfs(
+            store, rootfs, name,
+            history=f"isobox image bootstrap busybox (Debian busybox-static {version})",
+            exec_config=ExecConfig(
+                env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+                cmd=["sh"],
+                labels={"org.opencontainers.image.version": version},
+            ),
+            created=EPOCH,
+            mtime=0,
+        )
+
+
+def _store_rootfs(
+    store: ImageStore, rootfs: Path, name: str, *, history: str, exec_config: ExecConfig,
+    created: str | None = None, mtime: int | None = None,
+) -> ImageRecord:
+    """Pack ``rootfs`` into a gzip layer (mtimes clamped to ``mtime`` when given) and
+    import it as a one-layer image named ``name``."""
+    from isobox.storage.importer import layer_image
+    from isobox.storage.layer_tar import pack_layer
+
+    with tempfile.TemporaryFile() as layer:
+        pack_layer(rootfs, layer, compression="gzip", mtime=mtime)
+        img = layer_image(layer, "gzip", history=history, exec_config=exec_config,
+                          created=created)
+        return store.import_image(img, name)
 
 
 def _host_mirror() -> str:
@@ -139,9 +149,6 @@ def bootstrap_debian(
     store: ImageStore, name: str = "debian:bookworm", suite: str = "bookworm"
 ) -> ImageRecord:
     """A Debian minbase image with python3, made with debootstrap (needs the mirror)."""
-    from isobox.storage.importer import layer_image
-    from isobox.storage.layer_tar import pack_layer
-
     if shutil.which("debootstrap") is None:
         raise ToolMissing("debootstrap is not installed (apt-get install debootstrap)")
     with tempfile.TemporaryDirectory(prefix="isobox-debootstrap-") as tmp:
@@ -156,15 +163,11 @@ def bootstrap_debian(
             raise IsoboxError(f"debootstrap {suite} failed:\n{tail}")
         shutil.rmtree(rootfs / "var" / "cache" / "apt" / "archives", ignore_errors=True)
         (rootfs / "var" / "cache" / "apt" / "archives" / "partial").mkdir(parents=True)
-        with open(Path(tmp) / "layer.tar.gz", "w+b") as layer:
-            pack_layer(rootfs, layer, compression="gzip")
-            img = layer_image(
-                layer,
-                "gzip",
-                history=f"isobox image bootstrap debian (debootstrap minbase {suite} + python3)",
-                exec_config=ExecConfig(
-                    env=["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                    cmd=["bash"],
-                ),
-            )
-            return store.import_image(img, name)
+        return _store_rootfs(
+            store, rootfs, name,
+            history=f"isobox image bootstrap debian (debootstrap minbase {suite} + python3)",
+            exec_config=ExecConfig(
+                env=["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                cmd=["bash"],
+            ),
+        )

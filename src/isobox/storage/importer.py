@@ -30,8 +30,15 @@ from isobox.spec.image import (
     canonical_json,
 )
 from isobox.spec.reference import familiar, parse_reference
-from isobox.storage.blobs import sha256_digest
-from isobox.storage.sources import ResolvedImage, detect, host_platform, resolve_docker, resolve_oci
+from isobox.storage.blobs import digest_stream, sha256_digest
+from isobox.storage.sources import (
+    ResolvedImage,
+    detect,
+    host_platform,
+    resolve_docker,
+    resolve_oci,
+    sniff_compression,
+)
 from isobox.storage.store import ImageRecord, ImageStore
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -55,7 +62,7 @@ def import_path(store: ImageStore, path: Path, name: str | None = None) -> Image
         finally:
             found.bundle.close()
     if found.kind == "rootfs-tar":
-        compression = _compression_of(path)
+        compression = sniff_compression(path)
         with open(path, "rb") as fh:
             img = layer_image(fh, compression, history="isobox import " + path.name)
             return store.import_image(img, name)
@@ -78,16 +85,6 @@ def _hint(img: ResolvedImage) -> str | None:
     return None
 
 
-def _compression_of(path: Path) -> Compression:
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    if head[:2] == b"\x1f\x8b":
-        return "gzip"
-    if head == b"\x28\xb5\x2f\xfd":
-        return "zstd"
-    return "none"
-
-
 def layer_image(
     layer: BinaryIO,
     compression: Compression,
@@ -106,7 +103,7 @@ def layer_image(
     layer.seek(0)
     diff_id = decompressed_digest(layer, compression, what="root filesystem")
     layer.seek(0)
-    digest, size = _digest_of(layer)
+    digest, size = digest_stream(layer)
     os_name, arch = host_platform()
     when = created or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     config = ImageConfig(
@@ -136,17 +133,6 @@ def layer_image(
         raise InvalidArgument(f"no blob {want} in this image")
 
     return ResolvedImage(canonical_json(manifest), manifest, open_blob)
-
-
-def _digest_of(fh: BinaryIO) -> tuple[str, int]:
-    import hashlib
-
-    h = hashlib.sha256()
-    size = 0
-    while chunk := fh.read(1 << 20):
-        h.update(chunk)
-        size += len(chunk)
-    return "sha256:" + h.hexdigest(), size
 
 
 class _NoClose(io.RawIOBase):

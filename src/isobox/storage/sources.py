@@ -33,13 +33,14 @@ from isobox.spec.image import (
     MEDIA_OCI_CONFIG,
     MEDIA_OCI_LAYER,
     MEDIA_OCI_MANIFEST,
+    Compression,
     Descriptor,
     DockerSaveEntry,
     Index,
     Manifest,
     canonical_json,
 )
-from isobox.storage.blobs import digest_hex, sha256_digest
+from isobox.storage.blobs import digest_hex, digest_stream, sha256_digest
 
 MAX_DOC = 4 << 20  # manifests, indexes and configs larger than this are refused
 
@@ -293,15 +294,8 @@ def resolve_docker(bundle: Bundle, want_tag: str | None, where: str) -> Resolved
 
 
 def _hash_member(bundle: Bundle, name: str) -> tuple[str, int]:
-    import hashlib
-
-    h = hashlib.sha256()
-    size = 0
     with bundle.open(name) as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return "sha256:" + h.hexdigest(), size
+        return digest_stream(fh)
 
 
 @dataclass
@@ -323,12 +317,11 @@ def detect(path: Path) -> Detected:
         return Detected("rootfs-dir", None)
     if not path.is_file():
         raise InvalidArgument(f"{path}: not a regular file or directory")
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    if head[:2] == b"\x1f\x8b" or head == b"\x28\xb5\x2f\xfd":
+    compression = sniff_compression(path)
+    if compression != "none":
         # Compressed: an OCI archive or docker save is never compressed by their tools, and
         # scanning a compressed rootfs for their marker files would decompress it twice.
-        if head[:2] == b"\x1f\x8b" and _gz_tar_has_layout(path):
+        if compression == "gzip" and _gz_tar_has_layout(path):
             return Detected("oci", TarBundle(path))
         return Detected("rootfs-tar", None)
     if not tarfile.is_tarfile(path):
@@ -341,6 +334,17 @@ def detect(path: Path) -> Detected:
         return Detected("docker", t)
     t.close()
     return Detected("rootfs-tar", None)
+
+
+def sniff_compression(path: Path) -> Compression:
+    """gzip or zstd by their magic numbers; anything else is taken as uncompressed."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head[:2] == b"\x1f\x8b":
+        return "gzip"
+    if head == b"\x28\xb5\x2f\xfd":
+        return "zstd"
+    return "none"
 
 
 def _gz_tar_has_layout(path: Path) -> bool:
