@@ -70,9 +70,83 @@ def probe_tool(name: str) -> tuple[bool, str]:
     return _run(name, "--version") if name != "debootstrap" else (True, "")
 
 
+def _v2_mount() -> str | None:
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            left, _, right = line.partition(" - ")
+            if right.split()[:1] == ["cgroup2"]:
+                return left.split()[4]
+    return None
+
+
+@functools.cache
+def probe_cgroup1() -> tuple[bool, str]:
+    """A writable v1 memory + pids + freezer hierarchy: make a cgroup, set a limit, remove."""
+    ok, why = probe_root()
+    if not ok:
+        return ok, why
+    probe = f"isobox-probe-{os.getpid()}"
+    made = []
+    try:
+        for ctrl, f, v in (("memory", "memory.limit_in_bytes", "67108864"),
+                           ("pids", "pids.max", "10"), ("freezer", "freezer.state", "THAWED"),
+                           ("cpu", "cpu.cfs_quota_us", "10000")):
+            d = f"/sys/fs/cgroup/{ctrl}/{probe}"
+            os.mkdir(d)
+            made.append(d)
+            with open(f"{d}/{f}", "w") as fh:
+                fh.write(v)
+    except OSError as exc:
+        return False, f"cgroup v1: {exc}"
+    finally:
+        for d in made:
+            os.rmdir(d)
+    return True, ""
+
+
+@functools.cache
+def probe_cgroup2core() -> tuple[bool, str]:
+    """A cgroup v2 hierarchy where a cgroup can be made, killed and removed."""
+    ok, why = probe_root()
+    if not ok:
+        return ok, why
+    mount = _v2_mount()
+    if mount is None:
+        return False, "no cgroup2 mount"
+    d = f"{mount}/isobox-probe-{os.getpid()}"
+    try:
+        os.mkdir(d)
+        try:
+            if not os.path.exists(f"{d}/cgroup.kill"):
+                return False, "cgroup v2 without cgroup.kill (kernel < 5.14)"
+        finally:
+            os.rmdir(d)
+    except OSError as exc:
+        return False, f"cgroup v2 at {mount}: {exc}"
+    return True, ""
+
+
+@functools.cache
+def probe_cgroup2() -> tuple[bool, str]:
+    """A cgroup v2 hierarchy with the cpu, memory and pids controllers."""
+    ok, why = probe_cgroup2core()
+    if not ok:
+        return ok, why
+    mount = _v2_mount()
+    with open(f"{mount}/cgroup.controllers") as fh:
+        have = set(fh.read().split())
+    missing = {"cpu", "memory", "pids"} - have
+    if missing:
+        return False, f"cgroup v2 at {mount} lacks controllers {sorted(missing)} (v1 holds them)"
+    return True, ""
+
+
 PROBES: dict[str, Callable[[], tuple[bool, str]]] = {
     "root": probe_root,
     "overlay": probe_overlay,
+    "cgroup1": probe_cgroup1,
+    "cgroup2": probe_cgroup2,
+    "cgroup2core": probe_cgroup2core,
 }
 
 
@@ -96,7 +170,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         probe = PROBES.get(mark.name)
         if probe is not None:
             _require(probe(), mark.name)
-        elif mark.name in ("vm", "kvm", "cgroup1", "cgroup2", "net"):
+        elif mark.name in ("vm", "kvm", "net"):
             # Probes for these arrive with the issues that build them; until then a test
             # carrying the marker must not pass silently.
             _require((False, "no probe for this capability yet"), mark.name)

@@ -239,6 +239,40 @@ def image_bootstrap(which: str, name: str | None) -> None:
     click.echo(f"{', '.join(img.tags)} {img.id}")
 
 
+# ---- jobs ---------------------------------------------------------------------------------
+
+
+@cli.group()
+def job() -> None:
+    """Run host commands in a Job: limits, accounting, notifications (cgroup v1/v2)."""
+
+
+@job.command("run", context_settings={"ignore_unknown_options": True})
+@click.option("--cpu-rate", type=int, help="Hard CPU cap in 1/100 % of the machine (1..10000).")
+@click.option("--cpus", type=float, help="Hard CPU cap in CPUs (1.5 = one and a half CPUs).")
+@click.option("--cpu-weight", type=int, help="CPU weight 1..10000 (100 is the default share).")
+@click.option("--memory", help="Job memory limit (20m, 1g).")
+@click.option("--process-memory", help="Per-process memory limit (RLIMIT_AS).")
+@click.option("--pids", type=int, help="Active process limit.")
+@click.option("--cpuset", help="CPUs the job may use (0-1).")
+@click.option("--io-read-bps", multiple=True, metavar="DEV:RATE", help="Read rate per device.")
+@click.option("--io-write-bps", multiple=True, metavar="DEV:RATE", help="Write rate per device.")
+@click.option("--name", help="Job name (default: a random one).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True, help="How to print the accounting (on stderr) at exit.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def job_run(command: tuple[str, ...], **opts: Any) -> None:
+    """Run COMMAND in a fresh job; exit with its exit code; print the job's accounting.
+
+    When COMMAND exits, whatever it left running in the job is killed (kill on close), and
+    the accounting then counts every process that ran. Example (the seeds' JobExample):
+    isobox job run --cpu-rate 150 --memory 20m -- CMD
+    """
+    from isobox.cli.jobrun import run_job
+
+    sys.exit(run_job(list(command), **opts))
+
+
 image.add_command(import_, "import")
 image.add_command(save, "save")
 image.add_command(tag, "tag")
