@@ -56,10 +56,14 @@ class StateDB:
         except sqlite3.Error as exc:
             raise StoreError(f"open state database {path}: {exc}") from exc
         self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.executescript(_BOOTSTRAP)
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.executescript(_BOOTSTRAP)
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            raise StoreError(f"state database {path} is damaged or not a database: {exc}") from exc
         for schema in schemas:
             self._migrate(schema)
 

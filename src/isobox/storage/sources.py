@@ -14,8 +14,10 @@ normalised and refused if it would leave the archive.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import posixpath
+import stat
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,14 +86,23 @@ class DirBundle(Bundle):
 
     def open(self, name: str) -> BinaryIO:
         p = self._p(name)
-        # The file must be inside the directory even after symlinks are resolved.
-        real = p.resolve()
-        if not real.is_relative_to(self.path.resolve()):
-            raise ImageError(f"{name}: resolves outside {self.path}")
         try:
-            return open(real, "rb")
+            # The file must be inside the directory even after symlinks are resolved...
+            real = p.resolve(strict=True)
+            if not real.is_relative_to(self.path.resolve()):
+                raise ImageError(f"{name}: resolves outside {self.path}")
+            # ...and be a regular file: O_NONBLOCK so a FIFO cannot hang us, O_NOFOLLOW so
+            # a symlink swapped in after the check is refused, fstat on what was opened.
+            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError as exc:
             raise ImageError(f"{self.path}: {name} is missing") from exc
+        except (OSError, RuntimeError) as exc:
+            raise ImageError(f"{self.path}: {name} cannot be opened: {exc}") from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ImageError(f"{self.path}: {name} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
 
 
 class TarBundle(Bundle):
@@ -117,9 +128,13 @@ class TarBundle(Bundle):
         if m is None:
             raise ImageError(f"{self.path}: {name} is missing from the archive")
         if (m.issym() or m.islnk()) and depth < 8:
-            # docker save links duplicate layers: resolve inside the archive only.
+            # docker save links duplicate layers (bbb/layer.tar -> ../aaa/layer.tar):
+            # resolve the link inside the archive, refusing anything that leaves it.
             base = posixpath.dirname(_norm(name)) if m.issym() else ""
-            return self._member(posixpath.join(base, m.linkname), depth + 1)
+            target = posixpath.normpath(posixpath.join(base, m.linkname))
+            if m.linkname.startswith("/") or target == ".." or target.startswith("../"):
+                raise ImageError(f"{self.path}: {name} links outside the archive")
+            return self._member(target, depth + 1)
         if not m.isfile():
             raise ImageError(f"{self.path}: {name} is not a regular file")
         return m
@@ -181,7 +196,7 @@ def resolve_oci(bundle: Bundle, want_tag: str | None, where: str) -> ResolvedIma
     layout = bundle.read_doc("oci-layout")
     try:
         version = json.loads(layout).get("imageLayoutVersion")
-    except (ValueError, AttributeError) as exc:
+    except (ValueError, AttributeError, RecursionError) as exc:
         raise ImageError(f"{where}: oci-layout is not JSON") from exc
     if version != "1.0.0":
         raise ImageError(f"{where}: unsupported imageLayoutVersion {version!r}")
@@ -255,8 +270,8 @@ def resolve_docker(bundle: Bundle, want_tag: str | None, where: str) -> Resolved
     try:
         raw = json.loads(bundle.read_doc("manifest.json"))
         entries = [DockerSaveEntry.model_validate(e) for e in raw]
-    except (ValueError, ValidationError, TypeError) as exc:
-        raise ImageError(f"{where}: manifest.json is not a docker save manifest: {exc}") from exc
+    except (ValueError, ValidationError, TypeError, RecursionError) as exc:
+        raise ImageError(f"{where}: manifest.json is not a docker save manifest") from exc
     if want_tag is not None:
         chosen = [e for e in entries if want_tag in (e.repo_tags or [])]
         if not chosen and len(entries) == 1:
@@ -370,6 +385,6 @@ def _safe_norm(name: str) -> str | None:
 def _looks_docker(bundle: Bundle) -> bool:
     try:
         data = json.loads(bundle.read_doc("manifest.json"))
-    except (ValueError, ImageError, OSError):
+    except (ValueError, ImageError, OSError, RecursionError):
         return False
     return isinstance(data, list) and all(isinstance(e, dict) and "Layers" in e for e in data)

@@ -54,7 +54,7 @@ from isobox.spec.image import LAYER_COMPRESSION, Compression, ImageConfig, Manif
 from isobox.spec.reference import parse_reference
 from isobox.statedb import Schema, StateDB
 from isobox.storage.blobs import BlobStore, digest_hex, write_staged
-from isobox.storage.sources import ResolvedImage
+from isobox.storage.sources import MAX_DOC, ResolvedImage
 
 IMAGES_SCHEMA = Schema(
     "images",
@@ -214,8 +214,12 @@ class ImageStore:
     # ---- lookups -----------------------------------------------------------------------
 
     def resolve(self, ref: str) -> str:
-        """The manifest digest that ``ref`` names: a tag, a digest, or an ID prefix."""
-        rows = self.db.query("SELECT image FROM tags WHERE name = ?", (_tag_key(ref),))
+        """The manifest digest that ``ref`` names: a tag, a digest, or an ID prefix.
+
+        ``name@sha256:…`` is resolved by its digest alone, never by the name's tag.
+        """
+        key = _tag_key(ref)
+        rows = self.db.query("SELECT image FROM tags WHERE name = ?", (key,)) if key else []
         if rows:
             return str(rows[0]["image"])
         if "@" in ref:
@@ -308,8 +312,11 @@ class ImageStore:
         deleted: list[str] = []
         key = _tag_key(ref)
         with self.db.transaction() as tx:
-            row = tx.execute("SELECT image FROM tags WHERE name = ?", (key,)).fetchone()
-            if row is not None:
+            row = (
+                tx.execute("SELECT image FROM tags WHERE name = ?", (key,)).fetchone()
+                if key else None
+            )
+            if row is not None and key is not None:
                 digest = str(row["image"])
                 tx.execute("DELETE FROM tags WHERE name = ?", (key,))
                 untagged.append(key)
@@ -377,12 +384,7 @@ class ImageStore:
                 if digest not in used_blobs:
                     freed += self.blobs.remove(digest)
                     blobs += 1
-            layers = 0
-            for entry in os.scandir(self.root / "layers"):
-                chain = "sha256:" + entry.name
-                if chain not in used_chains:
-                    _rmtree(Path(entry.path))
-                    layers += 1
+            # Rows first: a layer folder without rows is garbage, never trusted by an import.
             with self.db.transaction() as tx:
                 for row in tx.execute("SELECT chain_id FROM layers").fetchall():
                     if str(row[0]) not in used_chains:
@@ -390,6 +392,16 @@ class ImageStore:
                 tx.execute(
                     "DELETE FROM layer_blobs WHERE blob NOT IN (SELECT blob FROM image_layers)"
                 )
+            layers = 0
+            for entry in os.scandir(self.root / "layers"):
+                chain = "sha256:" + entry.name
+                if chain not in used_chains:
+                    # Out of its final name in one atomic step, then deleted: an interrupted
+                    # delete leaves a half folder in tmp/ (garbage), never under layers/.
+                    doomed = self.root / "tmp" / f"gc-{entry.name}-{uuid.uuid4().hex[:8]}"
+                    os.rename(entry.path, doomed)
+                    _rmtree(doomed)
+                    layers += 1
             for entry in os.scandir(self.root / "locks"):
                 if entry.name.endswith(".lock") and "sha256:" + entry.name[:-5] not in used_chains:
                     with suppress(FileNotFoundError):
@@ -399,14 +411,28 @@ class ImageStore:
     # ---- leases and scratch layers -----------------------------------------------------
 
     def lease(self, owner: str, ref: str) -> list[Path]:
-        """Keep an image's layers alive for ``owner``; returns lower dirs, top first."""
-        image = self.get(ref)
-        with self.db.transaction() as tx:
+        """Keep an image's layers alive for ``owner``; returns lower dirs, top first.
+
+        The lookup and the lease are one transaction under the shared store lock, so a
+        concurrent ``rmi`` + gc either runs before (the image is gone: an error) or after
+        (the lease keeps the layers).
+        """
+        digest = self.resolve(ref)
+        with self._store_lock(exclusive=False), self.db.transaction() as tx:
+            chains = [
+                str(r["chain_id"])
+                for r in tx.execute(
+                    "SELECT chain_id FROM image_layers WHERE image = ? ORDER BY position",
+                    (digest,),
+                )
+            ]
+            if not chains:
+                raise ImageNotFound(f"no such image: {ref}")
             tx.executemany(
                 "INSERT OR IGNORE INTO leases(owner, chain_id) VALUES (?, ?)",
-                [(owner, layer.chain_id) for layer in image.layers],
+                [(owner, c) for c in chains],
             )
-        return [self.layer_diff(layer.chain_id) for layer in reversed(image.layers)]
+        return [self.layer_diff(c) for c in reversed(chains)]
 
     def release(self, owner: str) -> None:
         with self.db.transaction() as tx:
@@ -447,11 +473,13 @@ class ImageStore:
         self.release(f"container:{container_id}")
 
 
-def _tag_key(ref: str) -> str:
+def _tag_key(ref: str) -> str | None:
+    """The ``name:tag`` key a reference looks up; None for a reference by digest."""
     try:
-        return parse_reference(ref).tagged
+        parsed = parse_reference(ref)
     except InvalidArgument:
         return ref
+    return None if parsed.digest else parsed.tagged
 
 
 def _rmtree(path: Path) -> None:
@@ -510,6 +538,9 @@ class _Staging:
     ) -> None:
         """Stage a verified copy of a blob unless the store (or this import) has it."""
         if self.store.blobs.has(digest) or digest in self._blobs:
+            have = self.blob_path(digest).stat().st_size
+            if size is not None and have != size:
+                raise ImageError(f"{what}: size is {have} bytes, the manifest says {size}")
             return
         staged = self.dir / f"blob-{digest_hex(digest)}"
         if data is not None:
@@ -531,6 +562,8 @@ class _Staging:
         # Manifest and config first: small, and they say what the layers must be.
         self.ensure_blob(img.digest, None, "manifest", data=img.manifest_bytes)
         cdesc = manifest.config
+        if cdesc.size > MAX_DOC:
+            raise ImageError(f"config {cdesc.digest}: {cdesc.size} bytes, more than {MAX_DOC}")
         self.ensure_blob(
             cdesc.digest, cdesc.size, f"config {cdesc.digest}",
             opener=lambda: img.open_blob(cdesc.digest),
