@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The main job: what isobox can do today, end to end, on real files.
 #
-# Today that is the image store: the default image built from Debian's busybox-static with
-# no network, saved as an OCI archive and as a docker-save archive, read back, listed and
-# inspected, and garbage-collected. Each later capability (jobs, process / vm / host
-# isolation, networks) extends this script so that it runs the same image under every
-# isolation and shows the difference.
+# Today that is the image store (the default image built from Debian's busybox-static with
+# no network, saved as an OCI archive and as a docker-save archive, read back, listed,
+# inspected, garbage-collected) and jobs (limits, accounting and notifications on real
+# cgroups). Each later capability (process / vm / host isolation, networks) extends this
+# script so that it runs the same image under every isolation and shows the difference.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ISOBOX=${ISOBOX:-.venv/bin/isobox}
@@ -55,6 +55,16 @@ with tarfile.open(sys.argv[1], "w") as t:
 PY
 show "$ISOBOX" import "$work/evil.tar" demo/evil || echo "(refused, exit $?)"
 test ! -e /etc/isobox-demo-pwned && echo "nothing written outside the store"
+
+step "jobs: the seeds' JobExample — a hard CPU cap, a memory limit, a process limit"
+echo "A CPU hog for 3 s under --cpu-rate 1000 (10% of the machine):"
+show "$ISOBOX" job run --cpu-rate 1000 -- timeout 3 sh -c 'while :; do :; done' || true
+echo
+echo "A memory hog under --memory 20m: OOM-killed, and the job says which pid:"
+show "$ISOBOX" job run --cpu-rate 150 --memory 20m -- python3 -S -c 'b = bytearray(100 << 20)' || echo "(exit $?)"
+echo
+echo "A fork bomb under --pids 30: stopped at the limit, the host stays responsive:"
+show "$ISOBOX" job run --pids 30 -- timeout -s KILL 3 sh -c 'exec 2>/dev/null; f() { f | f & }; f; sleep 5' || echo "(exit $?)"
 
 step "clean up: untag the demo names, collect garbage"
 show "$ISOBOX" rmi demo/busybox:oci demo/busybox:docker

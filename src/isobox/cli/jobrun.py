@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from types import FrameType
@@ -53,6 +54,7 @@ def run_job(
     io_write_bps: Sequence[str] = (), **limits: Any,
 ) -> int:
     lim = build_limits(io_read=io_read_bps, io_write=io_write_bps, **limits)
+    started = time.monotonic()
     with Job(name, limits=lim) as job:
         proc = job.spawn(command)
 
@@ -66,7 +68,9 @@ def run_job(
         acct = job.accounting()
         events = [e.as_dict() for e in job.events()]
     code = status if status >= 0 else 128 - status
+    wall = time.monotonic() - started
     report = {**asdict(acct), "exit_code": code, "job": job.name, "events": events,
+              "wall_s": round(wall, 3), "cpus": job.ncpu,
               "limits": {k: v for k, v in asdict(lim).items() if v not in (None, (), [])}}
     if fmt == "json":
         click.echo(json.dumps(report, sort_keys=True), err=True)
@@ -78,12 +82,18 @@ def run_job(
 
 def _print_table(report: dict[str, object]) -> None:
     kinds: dict[str, int] = {}
+    oom_pids: list[str] = []
     for ev in report["events"]:  # type: ignore[attr-defined]
         kinds[ev["kind"]] = kinds.get(ev["kind"], 0) + 1
+        if ev["kind"] == "oom_kill" and ev["pid"] is not None:
+            oom_pids.append(str(ev["pid"]))
+    cpu = float(report["cpu_user_s"]) + float(report["cpu_kernel_s"])  # type: ignore[arg-type]
+    wall = float(report["wall_s"])  # type: ignore[arg-type]
+    share = cpu / (wall * int(report["cpus"])) * 100 if wall > 0 else 0.0  # type: ignore[call-overload]
     lines = [
-        f"job {report['job']}: exit code {report['exit_code']}",
+        f"job {report['job']}: exit code {report['exit_code']} after {wall:.2f}s",
         f"  cpu        user {report['cpu_user_s']:.3f}s  kernel {report['cpu_kernel_s']:.3f}s"
-        f"  throttled periods {report['cpu_throttled_periods']}",
+        f"  = {share:.1f}% of the machine  throttled periods {report['cpu_throttled_periods']}",
         f"  memory     peak {report['memory_peak_bytes']} bytes  page faults "
         f"{report['page_faults']}",
         f"  processes  total {report['total_processes']}  terminated "
@@ -92,4 +102,6 @@ def _print_table(report: dict[str, object]) -> None:
         f"{report['io_write_bytes']} B / {report['io_write_ops']} ops",
         "  events     " + (", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())) or "none"),
     ]
+    if oom_pids:
+        lines.append(f"  oom killed pid {', '.join(oom_pids)}")
     click.echo("\n".join(lines), err=True)
