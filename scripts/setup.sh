@@ -23,6 +23,8 @@ PACKAGES=(
     nftables          # networks: NAT, port publishing
     skopeo            # interop tests: OCI layouts, registries
     umoci
+    podman            # interop tests: `podman load`/`podman save` of isobox archives
+    docker.io         # interop tests: a private dockerd + /usr/bin/docker for `docker load`/`save`
     debootstrap       # a Debian image for tests and the utility VM
     python3
     python3-venv
@@ -97,7 +99,9 @@ else
     # The peer engines ship daemons (dockerd, containerd); the benchmarks start their own,
     # with state in a temporary folder, so the install must not start them on the host.
     created_policy=""
-    if ((with_peers)) && [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    # Installing docker.io or containerd must not start host daemons (docker0, iptables,
+    # /var/lib/docker): deny service starts for the duration of the install.
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
         printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
         chmod 0755 /usr/sbin/policy-rc.d
         created_policy=/usr/sbin/policy-rc.d

@@ -6,7 +6,8 @@ Every blob is read through the store's verifying reader.
 
 * ``oci``: ``oci-layout``, ``index.json`` (the tag as ``org.opencontainers.image.ref.name``
   and the full name as ``io.containerd.image.name``), ``blobs/sha256/...``; the manifest and
-  blobs are the stored bytes, so digests are identical to what was imported.
+  blobs are the stored bytes, so digests are identical to what was imported. A docker-style
+  ``manifest.json`` pointing into ``blobs/`` is added so docker < 25 loads it too.
 * ``docker``: ``manifest.json``, ``<config-hex>.json`` and ``<diff-id-hex>/layer.tar``, the
   layers uncompressed as docker's loader expects (their sha256 is the diff ID).
 """
@@ -126,6 +127,15 @@ def _write_oci(
         if digest not in seen:
             seen.add(digest)
             _add_blob(tar, store, f"blobs/sha256/{digest_hex(digest)}", digest)
+    # Also docker's manifest.json pointing into blobs/, as docker 25 and `ctr export` write:
+    # docker before 25 reads only this file. Its layers are the stored (compressed) blobs,
+    # which docker's loader decompresses.
+    entry = {
+        "Config": f"blobs/sha256/{digest_hex(image.config_digest)}",
+        "RepoTags": [tagged] if tagged else [],
+        "Layers": [f"blobs/sha256/{digest_hex(la.blob)}" for la in image.layers],
+    }
+    _add_bytes(tar, "manifest.json", json.dumps([entry]).encode())
 
 
 def _write_docker(
