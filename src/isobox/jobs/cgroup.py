@@ -28,7 +28,41 @@ from isobox.errors import InvalidArgument, IsoboxError, NotFound, from_oserror
 from isobox.jobs.limits import IoLimit, Limits
 
 CFS_PERIOD_US = 100_000
-V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "freezer")
+V1_CONTROLLERS = (
+    "cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "freezer", "devices",
+)
+
+
+@dataclass(frozen=True)
+class DeviceRule:
+    """One device-cgroup rule: allow or deny access (``rwm``) to ``type major:minor``.
+
+    ``type`` is ``a`` (all), ``c`` or ``b``; a major or minor of None means any (``*``).
+    """
+
+    allow: bool
+    type: str = "a"
+    major: int | None = None
+    minor: int | None = None
+    access: str = "rwm"
+
+    def line(self) -> str:
+        if self.type == "a":
+            return "a"
+        major = "*" if self.major is None else str(self.major)
+        minor = "*" if self.minor is None else str(self.minor)
+        return f"{self.type} {major}:{minor} {self.access}"
+
+
+# What every container may use, whatever its config says (as runc): the default nodes,
+# ptys, and the tun device.
+DEFAULT_DEVICE_RULES = (
+    DeviceRule(True, "c", None, None, "m"), DeviceRule(True, "b", None, None, "m"),
+    DeviceRule(True, "c", 1, 3), DeviceRule(True, "c", 1, 5), DeviceRule(True, "c", 1, 7),
+    DeviceRule(True, "c", 1, 8), DeviceRule(True, "c", 1, 9), DeviceRule(True, "c", 5, 0),
+    DeviceRule(True, "c", 5, 1), DeviceRule(True, "c", 5, 2), DeviceRule(True, "c", 136, None),
+    DeviceRule(True, "c", 10, 200),
+)
 V2_CONTROLLERS = ("cpu", "cpuset", "memory", "pids", "io")
 
 
@@ -125,6 +159,7 @@ class Cgroup:
     def add(self, pid: int) -> None: raise NotImplementedError
     def pids(self) -> list[int]: raise NotImplementedError
     def set_limits(self, limits: Limits, ncpu: int) -> None: raise NotImplementedError
+    def set_devices(self, rules: list[DeviceRule]) -> bool: raise NotImplementedError
     def read(self) -> Counters: raise NotImplementedError
     def freeze(self) -> None: raise NotImplementedError
     def thaw(self) -> None: raise NotImplementedError
@@ -268,6 +303,19 @@ class CgroupV1(Cgroup):
             _write(self._p("cpuset", "cpuset.cpus"), limits.cpuset)
         for io in limits.io:
             self._set_io(io)
+
+    def set_devices(self, rules: list[DeviceRule]) -> bool:
+        """Deny every device, then apply ``rules`` in order (later rules win). True: enforced."""
+        if "devices" not in self.paths:
+            raise InvalidArgument("device rules: the devices controller is not mounted here")
+        _write(self._p("devices", "devices.deny"), "a")
+        for rule in rules:
+            if rule.type == "a" and not rule.allow:
+                _write(self._p("devices", "devices.deny"), "a")
+                continue
+            _write(self._p("devices", "devices.allow" if rule.allow else "devices.deny"),
+                   rule.line())
+        return True
 
     def _set_io(self, io: IoLimit) -> None:
         if "blkio" not in self.paths:
@@ -473,6 +521,12 @@ class CgroupV2(Cgroup):
                     parts.append(f"{key}={v}")
             _write(self.path / "io.max", " ".join(parts))
 
+    def set_devices(self, rules: list[DeviceRule]) -> bool:
+        """Not enforced: cgroup v2 controls devices with an eBPF program, which isobox does
+        not load yet. The caller must compensate (the silo drops CAP_MKNOD)."""
+        del rules
+        return False
+
     def read(self) -> Counters:
         c = Counters()
         cpu = _kv(_read(self.path / "cpu.stat"))
@@ -571,3 +625,38 @@ def from_description(desc: dict[str, object]) -> Cgroup:
         assert isinstance(paths, dict)
         return CgroupV1.from_paths({str(k): str(v) for k, v in paths.items()}, rel)
     return CgroupV2(rel, str(desc["mount"]))
+
+
+def cgroup_at(path: str | None, name: str) -> Cgroup:
+    """The cgroup an OCI runtime uses: ``cgroupsPath`` if given, else ``isobox/<name>``.
+
+    An absolute ``cgroupsPath`` (``/default/<id>`` from containerd, ``/docker/<id>`` from
+    dockerd) is taken from each hierarchy's root, as runc does; a relative one goes below the
+    engine's own cgroup. The systemd form (``slice:prefix:name``) is refused: it needs
+    systemd, which isobox does not drive.
+    """
+    if path and ":" in path:
+        raise InvalidArgument(
+            f"cgroupsPath {path!r} is in systemd form; isobox manages cgroupfs only "
+            "(drop --systemd-cgroup / use cgroup_manager = \"cgroupfs\")"
+        )
+    base = detect(name)
+    if not path:
+        return base
+    if isinstance(base, CgroupV1):
+        paths: dict[str, Path] = {}
+        for ctrl, job_dir in base.paths.items():
+            mount = _mount_of(job_dir)
+            root = "" if path.startswith("/") else _own(ctrl).strip("/")
+            paths[ctrl] = Path(mount) / root / path.strip("/")
+        return CgroupV1(paths, path.strip("/"))
+    assert isinstance(base, CgroupV2)
+    return CgroupV2(path.strip("/"), base.mount)
+
+
+def _mount_of(path: Path) -> str:
+    best = ""
+    for point, fstype, _ in _mounts():
+        if fstype == "cgroup" and str(path).startswith(point + "/") and len(point) > len(best):
+            best = point
+    return best

@@ -1,0 +1,1 @@
+"""The runc-compatible runtime CLI, isobox-runtime."""

@@ -1,0 +1,1 @@
+"""Process isolation: a silo (namespaces, root filesystem, hardening) around a job."""

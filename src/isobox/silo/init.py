@@ -1,0 +1,244 @@
+"""Bringing a silo up: two forks from a single-threaded process, and a sync protocol.
+
+::
+
+    caller (single-threaded)            stage 1                      init (pid 1 inside)
+    ─────────────────────────            ───────                      ───────────────────
+    fork ──────────────────────────────▶ "stage1"
+    add stage 1 to the job's cgroup ───▶ "go"
+                                         setns(paths) / unshare(new)
+                                         [new user ns: "idmap" ◀─▶ maps written]
+                                         unshare(pid); fork ────────▶
+    ◀──────────────────────────────────  {"init": pid}; exit          setsid; rootfs; pivot_root
+    ◀────────────────────────────────────────────────────────────────  "created" / {"error"}
+                                                                      open exec fifo for
+                                                                      writing: blocks until
+    (``start`` opens the fifo's read end) ───────────────────────────▶ start; harden; exec
+
+Messages are JSON over a SOCK_SEQPACKET socketpair. Everything privileged happens in forked
+children of a process that has no other threads (DESIGN.md: never clone from a threaded
+process); an error anywhere is sent back with the step that failed, and the caller cleans up.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from isobox._sys import linux as L
+from isobox.errors import IsoboxError
+from isobox.silo import harden, rootfs
+from isobox.silo.config import SiloConfig
+
+
+class InitError(IsoboxError):
+    """The container could not be set up; the message names the step."""
+
+
+def _send(sock: socket.socket, msg: dict[str, Any]) -> None:
+    sock.send(json.dumps(msg).encode())
+
+
+def _recv(sock: socket.socket, what: str) -> dict[str, Any]:
+    data = sock.recv(65536)
+    if not data:
+        raise InitError(f"container init exited during {what}")
+    msg: dict[str, Any] = json.loads(data)
+    if "error" in msg:
+        raise InitError(f"{msg.get('step', what)}: {msg['error']}")
+    return msg
+
+
+def _write_id_maps(pid: int, cfg: SiloConfig) -> None:
+    def fmt(rows: list[tuple[int, int, int]]) -> str:
+        return "".join(f"{c} {h} {n}\n" for c, h, n in rows)
+
+    with open(f"/proc/{pid}/setgroups", "w") as fh:
+        fh.write("deny" if not cfg.process.additional_gids else "allow")
+    with open(f"/proc/{pid}/uid_map", "w") as fh:
+        fh.write(fmt(cfg.uid_map))
+    with open(f"/proc/{pid}/gid_map", "w") as fh:
+        fh.write(fmt(cfg.gid_map))
+
+
+def spawn(
+    cfg: SiloConfig,
+    *,
+    join_cgroup: Callable[[int], None],
+    exec_fifo: str | None,
+    console_socket: socket.socket | None = None,
+    preserve_fds: int = 0,
+) -> int:
+    """Create the silo; returns the host pid of its init, which waits on ``exec_fifo``.
+
+    With ``exec_fifo`` None the init does not wait: the program starts at once (``run``).
+    """
+    if not cfg.new_namespace("mount"):
+        raise InitError("a container needs its own mount namespace (linux.namespaces: mount)")
+    trampoline = harden.sealed_trampoline()
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # stage 1
+        code = 1
+        try:
+            parent.close()
+            _stage1(cfg, child, _Pass(exec_fifo, console_socket, trampoline, preserve_fds))
+            code = 0
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                _send(child, {"error": str(exc), "step": getattr(exc, "step", "stage 1")})
+        finally:
+            os._exit(code)
+    child.close()
+    os.close(trampoline)
+    init_pid = 0
+    try:
+        with parent:
+            _recv(parent, "stage 1")
+            join_cgroup(pid)
+            _send(parent, {"go": True})
+            msg = _recv(parent, "namespaces")
+            if msg.get("idmap"):
+                _write_id_maps(pid, cfg)
+                _send(parent, {"go": True})
+                msg = _recv(parent, "namespaces")
+            init_pid = int(msg["init"])
+            _recv(parent, "root filesystem")
+    except BaseException:
+        if init_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(init_pid, 9)
+        raise
+    finally:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    return init_pid
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What the caller hands down to the init."""
+
+    fifo: str | None
+    console: socket.socket | None
+    trampoline: int
+    preserve_fds: int
+
+
+def _stage1(cfg: SiloConfig, sock: socket.socket, p: _Pass) -> None:
+    _send(sock, {"stage1": True})
+    _recv(sock, "cgroup")
+    # Open every namespace to join first: the paths are host paths.
+    joins = []
+    for kind, path in cfg.namespaces:
+        if path is not None:
+            joins.append((kind, os.open(path, os.O_RDONLY | os.O_CLOEXEC)))
+    joins.sort(key=lambda j: j[0] != "user")  # the user namespace first
+    for kind, fd in joins:
+        L.setns(fd, L.NAMESPACE_FLAGS[kind], f"{kind} namespace")
+        os.close(fd)
+    if cfg.new_namespace("user"):
+        L.unshare(L.CLONE_NEWUSER)
+        _send(sock, {"idmap": True})
+        _recv(sock, "id maps")
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+    flags = 0
+    for kind in ("mount", "uts", "ipc", "network", "cgroup", "time"):
+        if cfg.new_namespace(kind):
+            flags |= L.NAMESPACE_FLAGS[kind]
+    L.unshare(flags)
+    if cfg.new_namespace("pid"):
+        L.unshare(L.CLONE_NEWPID)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            _init(cfg, sock, p)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                _send(sock, {"error": str(exc), "step": getattr(exc, "step", "init")})
+        finally:
+            os._exit(code)
+    _send(sock, {"init": pid})
+
+
+class _Step:
+    """Name the step an exception happened in (for the error sent to the caller)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et: object, exc: BaseException | None, tb: object) -> None:
+        if exc is not None and not hasattr(exc, "step"):
+            with contextlib.suppress(AttributeError):
+                exc.step = self.name  # type: ignore[attr-defined]
+
+
+def _init(cfg: SiloConfig, sock: socket.socket, p: _Pass) -> None:
+    os.setsid()
+    L.prctl(L.PR_SET_DUMPABLE, 0)  # /proc/1/exe etc. closed to the container's processes
+    fifo_fd = os.open(p.fifo, os.O_PATH | os.O_CLOEXEC) if p.fifo else -1
+    with _Step("root filesystem"):
+        rootfs.prepare(cfg)
+        rootfs.pivot(cfg.root)
+        rootfs.finish(cfg)
+    if cfg.process.terminal:
+        with _Step("terminal"):
+            _setup_terminal(p.console)
+    _send(sock, {"created": True})
+    sock.close()
+    if fifo_fd >= 0:
+        # Blocks until `start` opens the other end (the fifo lives on the host; this
+        # descriptor reaches it through the container's /proc).
+        fd = os.open(f"/proc/self/fd/{fifo_fd}", os.O_WRONLY | os.O_CLOEXEC)
+        os.write(fd, b"0")
+        os.close(fd)
+        os.close(fifo_fd)
+    try:
+        keep = {0, 1, 2, *range(3, 3 + p.preserve_fds)}
+        harden.close_fds(keep | {p.trampoline})
+        harden.apply(cfg.process, new_user_ns=cfg.new_namespace("user"))
+        harden.enter_cwd(cfg.process)
+        harden.exec_process(cfg.process, p.trampoline, keep)
+    except BaseException as exc:
+        # After `created` the runtime has exited: the container's stderr is the one place
+        # the reason can still reach (podman, docker and ctr show it).
+        with contextlib.suppress(OSError):
+            os.write(2, f"isobox-runtime: starting the container process: {exc}\n".encode())
+        os._exit(127)
+
+
+_TIOCSPTLCK = 0x40045431  # unlock the pty slave
+_TIOCGPTN = 0x80045430  # the pty's number
+
+
+def _setup_terminal(console: socket.socket | None) -> None:
+    """A pty from the container's devpts; its master goes to the console socket."""
+    if console is None:
+        raise InitError("process.terminal is set but no --console-socket was given")
+    master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    import fcntl
+    import termios
+
+    fcntl.ioctl(master, _TIOCSPTLCK, array.array("i", [0]))
+    n = array.array("i", [0])
+    fcntl.ioctl(master, _TIOCGPTN, n)
+    slave = os.open(f"/dev/pts/{n[0]}", os.O_RDWR | os.O_NOCTTY)
+    socket.send_fds(console, [b"/dev/ptmx"], [master])
+    os.close(master)
+    console.close()
+    fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+    for fd in (0, 1, 2):
+        os.dup2(slave, fd)
+    if slave > 2:
+        os.close(slave)
