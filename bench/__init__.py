@@ -11,4 +11,5 @@ from __future__ import annotations
 # benchmark name -> module that implements it, in the order `python -m bench` runs them.
 REGISTRY: dict[str, str] = {
     "image_import": "bench.image_import",
+    "runtime_start": "bench.runtime_start",
 }
