@@ -282,3 +282,87 @@ def test_signals_reach_pid_1_with_a_handler(rt: Runtime) -> None:
     rt("kill", "c1", str(int(signal.SIGTERM)))
     out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 7 and out == "got TERM\n"
+
+
+def test_engine_config_seccomp_without_nnp_sysctl_and_devices(rt: Runtime) -> None:
+    # What podman and dockerd send: a seccomp profile with noNewPrivileges false (loading it
+    # then needs CAP_SYS_ADMIN, so it must happen before the capabilities are dropped, and it
+    # is compiled before pivot_root, when libseccomp can still be loaded), a sysctl below the
+    # read-only /proc/sys, and a process that is not root and writes to /dev/null.
+    from isobox._sys.seccomp import default_profile
+
+    cfg = rt.config(["sh", "-c", "cat /proc/sys/net/ipv4/ip_unprivileged_port_start; "
+                                 "grep Seccomp: /proc/self/status; "
+                                 "echo x > /dev/null && stat -c %a /dev/null /dev/zero"])
+    cfg["process"]["noNewPrivileges"] = False
+    cfg["process"]["user"] = {"uid": 1000, "gid": 1000}
+    cfg["linux"]["seccomp"] = default_profile(cfg["process"]["capabilities"]["bounding"])
+    cfg["linux"]["sysctl"] = {"net.ipv4.ip_unprivileged_port_start": "0"}
+    (rt.bundle / "config.json").write_text(json.dumps(cfg))
+    proc = rt("run", "c1", check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0", "Seccomp:", "2", "666", "666"]
+
+
+def test_hooks_get_their_own_argv0_and_the_state(rt: Runtime, tmp_path: Path) -> None:
+    # dockerd's prestart hook is dockerd itself, told its job by argv[0]
+    # ("libnetwork-setkey"): args[0] must reach the hook as given.
+    out = tmp_path / "hook.out"
+    cfg = rt.config(["true"])
+    cfg["hooks"] = {"prestart": [{
+        "path": "/bin/busybox", "args": ["sh", "-c", f'echo "$0" > {out}; cat >> {out}'],
+        "env": ["PATH=/bin:/usr/bin"]}]}
+    (rt.bundle / "config.json").write_text(json.dumps(cfg))
+    rt("run", "c1")
+    name, state = out.read_text().split("\n", 1)
+    assert name == "sh"
+    assert json.loads(state)["id"] == "c1" and json.loads(state)["status"] == "created"
+
+
+def test_terminal_master_goes_to_the_console_socket(rt: Runtime, tmp_path: Path) -> None:
+    import socket
+
+    cfg = rt.config(["sh", "-c", "tty; exit 4"])
+    cfg["process"]["terminal"] = True
+    (rt.bundle / "config.json").write_text(json.dumps(cfg))
+    path = tmp_path / "console.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+        srv.bind(str(path))
+        srv.listen(1)
+        srv.settimeout(30)
+        proc = subprocess.Popen([*RUNTIME, "--root", str(rt.root), "run", "--console-socket",
+                                 str(path), "c1"], cwd=rt.bundle, stdin=subprocess.DEVNULL)
+        try:
+            conn, _ = srv.accept()
+            with conn:
+                _, fds, _, _ = socket.recv_fds(conn, 1024, 1)
+            assert len(fds) == 1
+            out = b""
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    chunk = os.read(fds[0], 4096)
+                except OSError:  # EIO: the container's side of the terminal is closed
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            os.close(fds[0])
+            assert proc.wait(30) == 4
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert out == b"/dev/pts/0\r\n"
+
+
+def test_stdio_belongs_to_the_process_user(rt: Runtime) -> None:
+    # Engines hand the runtime pipes that root owns with mode 0600; a process that is not
+    # root reopens them through /dev/stdout (/proc/self/fd/1). runc gives them to the user.
+    cfg = rt.config(["sh", "-c", "echo out > /dev/stdout; echo err > /dev/stderr"])
+    cfg["process"]["user"] = {"uid": 1000, "gid": 1000}
+    (rt.bundle / "config.json").write_text(json.dumps(cfg))
+    proc = subprocess.run([*RUNTIME, "--root", str(rt.root), "run", "c1"], cwd=rt.bundle,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          timeout=60, check=False)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "out\n", "err\n")

@@ -228,6 +228,10 @@ class Container:
                     p.bounding & mknod, p.effective & mknod, p.permitted & mknod)
                 p.inheritable, p.ambient = p.inheritable & mknod, p.ambient & mknod
             os.mkfifo(c.fifo, 0o600)
+            if cfg.new_namespace("user"):
+                # The init is root of its user namespace, i.e. the mapped host ids: the
+                # fifo must be theirs for it to open (as runc does).
+                os.chown(c.fifo, _host_id(cfg.uid_map, 0), _host_id(cfg.gid_map, 0))
             if console_socket:
                 import socket
 
@@ -342,7 +346,9 @@ def run_hook(hook: Hook, state: bytes, *, ns_pid: int | None) -> None:
             L.setns(mnt, L.CLONE_NEWNS, "hook mount namespace")
     try:
         proc = subprocess.run(
-            [hook.path, *hook.args[1:]], executable=hook.path, input=state,
+            # args[0] is the hook's argv[0], as the spec says (dockerd's own binary is its
+            # prestart hook and finds its job, "libnetwork-setkey", in argv[0]).
+            hook.args or [hook.path], executable=hook.path, input=state,
             env=dict(e.split("=", 1) for e in hook.env if "=" in e),
             capture_output=True, timeout=hook.timeout, check=False,
             preexec_fn=preexec,
@@ -384,6 +390,13 @@ def _remove_cgroup_tree(cg: Cgroup) -> None:
                     break
                 except OSError:
                     time.sleep(0.01)
+
+
+def _host_id(mapping: list[tuple[int, int, int]], inside: int) -> int:
+    for container_id, host_id, size in mapping:
+        if container_id <= inside < container_id + size:
+            return host_id + inside - container_id
+    return inside
 
 
 def _atomic_write(path: Path, text: str) -> None:

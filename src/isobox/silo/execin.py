@@ -14,12 +14,16 @@ import contextlib
 import os
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from isobox._sys import linux as L
 from isobox.jobs.cgroup import Cgroup
 from isobox.silo import harden
 from isobox.silo.config import Process
 from isobox.silo.init import _recv, _send, _setup_terminal
+
+if TYPE_CHECKING:
+    from isobox._sys.seccomp import Filter
 
 NS_ORDER = ["user", "mount", "uts", "ipc", "network", "cgroup", "time", "pid"]
 
@@ -35,6 +39,7 @@ def exec_in(
     on_pid: Callable[[int], None] | None = None,
 ) -> int:
     """Returns the process's exit status (128+signal when killed), or its pid if detached."""
+    filt = harden.compile_seccomp(proc)  # before setns: host files are out of reach after
     trampoline = harden.sealed_trampoline()
     if not detach:
         L.prctl(L.PR_SET_CHILD_SUBREAPER, 1)
@@ -45,7 +50,7 @@ def exec_in(
         try:
             parent.close()
             _intermediate(init_pid, cgroup, proc, child, console=console_socket,
-                          trampoline=trampoline, preserve_fds=preserve_fds)
+                          trampoline=trampoline, preserve_fds=preserve_fds, filt=filt)
             code = 0
         except BaseException as exc:
             with contextlib.suppress(OSError):
@@ -72,7 +77,8 @@ def exec_in(
 
 
 def _intermediate(init_pid: int, cgroup: Cgroup, proc: Process, sock: socket.socket, *,
-                  console: socket.socket | None, trampoline: int, preserve_fds: int) -> None:
+                  console: socket.socket | None, trampoline: int, preserve_fds: int,
+                  filt: Filter | None) -> None:
     cgroup.add(os.getpid())
     fds = []
     for kind in NS_ORDER:
@@ -96,11 +102,11 @@ def _intermediate(init_pid: int, cgroup: Cgroup, proc: Process, sock: socket.soc
             if proc.terminal:
                 _setup_terminal(console)
             keep = {0, 1, 2, *range(3, 3 + preserve_fds)}
-            harden.apply(proc, new_user_ns=False)
+            harden.apply(proc, new_user_ns=False, filt=filt)
             harden.enter_cwd(proc)
             _send(sock, {"exec": True})
             sock.close()
-            harden.exec_process(proc, trampoline, keep)
+            harden.exec_process(proc, trampoline, keep, filt)
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 _send(sock, {"error": str(exc), "step": "starting the process"})

@@ -24,17 +24,22 @@ from __future__ import annotations
 
 import array
 import contextlib
+import fcntl
 import json
 import os
 import socket
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from isobox._sys import linux as L
 from isobox.errors import IsoboxError
 from isobox.silo import harden, rootfs
 from isobox.silo.config import SiloConfig
+
+if TYPE_CHECKING:
+    from isobox._sys.seccomp import Filter
 
 
 class InitError(IsoboxError):
@@ -81,14 +86,20 @@ def spawn(
     """
     if not cfg.new_namespace("mount"):
         raise InitError("a container needs its own mount namespace (linux.namespaces: mount)")
+    # Everything the init needs from host files is loaded now: after pivot_root it cannot.
+    filt = harden.compile_seccomp(cfg.process)
     trampoline = harden.sealed_trampoline()
+    # Opened here, as host root: the init (maybe an unprivileged uid in a user namespace)
+    # reaches the fifo through this descriptor, never through the host path.
+    fifo_fd = os.open(exec_fifo, os.O_PATH | os.O_CLOEXEC) if exec_fifo else -1
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:  # stage 1
         code = 1
         try:
             parent.close()
-            _stage1(cfg, child, _Pass(exec_fifo, console_socket, trampoline, preserve_fds))
+            _stage1(cfg, child, _Pass(fifo_fd, console_socket, trampoline, preserve_fds,
+                                      filt))
             code = 0
         except BaseException as exc:
             with contextlib.suppress(OSError):
@@ -97,6 +108,8 @@ def spawn(
             os._exit(code)
     child.close()
     os.close(trampoline)
+    if fifo_fd >= 0:
+        os.close(fifo_fd)
     init_pid = 0
     try:
         with parent:
@@ -125,10 +138,11 @@ def spawn(
 class _Pass:
     """What the caller hands down to the init."""
 
-    fifo: str | None
+    fifo: int  # an O_PATH descriptor of the exec fifo, or -1: no path to traverse inside
     console: socket.socket | None
     trampoline: int
     preserve_fds: int
+    seccomp: Filter | None
 
 
 def _stage1(cfg: SiloConfig, sock: socket.socket, p: _Pass) -> None:
@@ -187,7 +201,7 @@ class _Step:
 def _init(cfg: SiloConfig, sock: socket.socket, p: _Pass) -> None:
     os.setsid()
     L.prctl(L.PR_SET_DUMPABLE, 0)  # /proc/1/exe etc. closed to the container's processes
-    fifo_fd = os.open(p.fifo, os.O_PATH | os.O_CLOEXEC) if p.fifo else -1
+    fifo_fd = p.fifo
     with _Step("root filesystem"):
         rootfs.prepare(cfg)
         rootfs.pivot(cfg.root)
@@ -207,9 +221,9 @@ def _init(cfg: SiloConfig, sock: socket.socket, p: _Pass) -> None:
     try:
         keep = {0, 1, 2, *range(3, 3 + p.preserve_fds)}
         harden.close_fds(keep | {p.trampoline})
-        harden.apply(cfg.process, new_user_ns=cfg.new_namespace("user"))
+        harden.apply(cfg.process, new_user_ns=cfg.new_namespace("user"), filt=p.seccomp)
         harden.enter_cwd(cfg.process)
-        harden.exec_process(cfg.process, p.trampoline, keep)
+        harden.exec_process(cfg.process, p.trampoline, keep, p.seccomp)
     except BaseException as exc:
         # After `created` the runtime has exited: the container's stderr is the one place
         # the reason can still reach (podman, docker and ctr show it).
@@ -227,9 +241,6 @@ def _setup_terminal(console: socket.socket | None) -> None:
     if console is None:
         raise InitError("process.terminal is set but no --console-socket was given")
     master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-    import fcntl
-    import termios
-
     fcntl.ioctl(master, _TIOCSPTLCK, array.array("i", [0]))
     n = array.array("i", [0])
     fcntl.ioctl(master, _TIOCGPTN, n)

@@ -3,8 +3,8 @@
 Order (as runc): stop propagation to the host; bind the root onto itself; the config's
 mounts, each destination resolved *inside* the root (a symlink in the image cannot send a
 mount to a host path); a minimal ``/dev``; ``pivot_root`` (the old root is detached, so no
-host path stays reachable); masked and read-only paths; a read-only root; hostname and
-sysctls.
+host path stays reachable); sysctls; read-only and masked paths; a read-only root;
+hostname.
 """
 
 from __future__ import annotations
@@ -152,6 +152,7 @@ def _make_device(root: str, dev: Device) -> None:
     try:
         os.mknod(target, kind | (dev.mode & 0o7777), os.makedev(dev.major, dev.minor))
         os.chown(target, dev.uid, dev.gid)
+        os.chmod(target, dev.mode & 0o7777)  # mknod's mode went through the umask
     except PermissionError:
         # In a user namespace mknod is refused: bind the host's node instead.
         with open(target, "a"):
@@ -199,14 +200,17 @@ def pivot(root: str) -> None:
 
 
 def finish(cfg: SiloConfig) -> None:
-    """After pivot_root: masked and read-only paths, read-only root, sysctls, names."""
-    for path in cfg.masked_paths:
-        _mask(path)
-    for path in cfg.readonly_paths:
-        _readonly(path)
+    """After pivot_root: sysctls, read-only and masked paths, read-only root, names.
+
+    Sysctls first, as runc: ``/proc/sys`` is one of the read-only paths engines ask for,
+    and Docker sets ``net.ipv4.ip_unprivileged_port_start`` in every container."""
     for key, value in cfg.sysctl.items():
         with open("/proc/sys/" + key.replace(".", "/"), "w") as fh:
             fh.write(value)
+    for path in cfg.readonly_paths:
+        _readonly(path)
+    for path in cfg.masked_paths:
+        _mask(path)
     if cfg.readonly_root:
         L.mount(None, "/", None, L.MS_REMOUNT | L.MS_BIND | L.MS_RDONLY)
     if cfg.hostname is not None and cfg.new_namespace("uts"):
