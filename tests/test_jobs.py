@@ -301,6 +301,14 @@ def on_v2(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ISOBOX_CGROUP_VERSION", "2")
 
 
+def _running(job: Job, comm: str) -> bool:
+    for pid in job.pids():
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == comm:
+                return True
+    return False
+
+
 @pytest.mark.cgroup2core
 def test_v2_core_processes_accounting_freeze_kill(on_v2: None) -> None:
     with Job() as job:
@@ -308,7 +316,9 @@ def test_v2_core_processes_accounting_freeze_kill(on_v2: None) -> None:
         child = Job("inner", parent=job)
         proc = child.spawn(["sh", "-c", "/bin/true; /bin/true; sleep 30"])
         deadline = time.monotonic() + 5
-        while len(job.pids()) < 2 and time.monotonic() < deadline:
+        # Until sleep runs (sh and a /bin/true are two processes too, and a terminate then
+        # would come before the third fork).
+        while not _running(job, "sleep") and time.monotonic() < deadline:
             time.sleep(0.01)
         job.freeze()
         job.thaw()
@@ -326,7 +336,11 @@ def test_v2_limits_need_their_controller(on_v2: None) -> None:
 
     mount = CgroupV2.root("unused").mount
     parent = Path(mount, "isobox")
-    before = set(os.listdir(parent)) if parent.exists() else set()
+
+    def jobs_there() -> set[str]:  # the parent itself goes when its last job does
+        return {d.name for d in parent.iterdir() if d.is_dir()} if parent.exists() else set()
+
+    before = jobs_there()
     if "memory" in Path(mount, "cgroup.controllers").read_text().split():
         with Job(limits=Limits(memory=64 << 20)) as job:
             assert isinstance(job.cgroup, CgroupV2)
@@ -334,7 +348,7 @@ def test_v2_limits_need_their_controller(on_v2: None) -> None:
     else:
         with pytest.raises(InvalidArgument, match="controller is not enabled"):
             Job(limits=Limits(memory=64 << 20))
-    assert (set(os.listdir(parent)) if parent.exists() else set()) == before
+    assert jobs_there() == before
 
 
 @pytest.mark.cgroup2core

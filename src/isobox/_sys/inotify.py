@@ -38,6 +38,10 @@ class Inotify:
             raise SystemError_("inotify_add_watch", path, ctypes.get_errno())
         return int(wd)
 
+    def rm_watch(self, wd: int) -> None:
+        if _libc.inotify_rm_watch(self.fd, wd) < 0:
+            raise SystemError_("inotify_rm_watch", str(wd), ctypes.get_errno())
+
     def read(self) -> list[int]:
         """Watch descriptors that fired since the last read (non-blocking)."""
         try:

@@ -8,6 +8,7 @@ or signal) — counts that cgroups do not keep. Needs CAP_NET_ADMIN.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import struct
@@ -69,7 +70,9 @@ class ProcEvents:
             self.sock.close()
             raise SystemError_("subscribe", "proc events", exc.errno or 0) from exc
         self.sock.setblocking(False)
-        self.lost = 0  # messages the kernel dropped because we read too slowly
+        # Times the kernel dropped messages because we read too slowly (ENOBUFS): a reader
+        # that keeps state from these events must then reconcile it some other way.
+        self.lost = 0
 
     @property
     def fd(self) -> int:
@@ -89,7 +92,7 @@ class ProcEvents:
             except BlockingIOError:
                 return out
             except OSError as exc:
-                if exc.errno == 105:  # ENOBUFS: the kernel dropped messages
+                if exc.errno == errno.ENOBUFS:  # the kernel dropped messages
                     self.lost += 1
                     continue
                 raise

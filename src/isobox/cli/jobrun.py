@@ -1,12 +1,28 @@
-"""``isobox job run``: a host command in a fresh Job, its accounting printed at exit."""
+"""``isobox job run``: a host command in a fresh Job, its accounting printed at exit.
+
+Signals and the terminal, as a shell does for a foreground job. The command runs in a
+process group of its own. When isobox's stdin is a terminal whose foreground process group
+is isobox's, the command's group is given the terminal for as long as it runs (and isobox's
+group gets it back after), so a Ctrl-C or Ctrl-\\ at the terminal reaches the command's
+processes once, from the kernel, and a Ctrl-Z stops the command and then isobox, which gives
+the terminal back to the command when it is continued. SIGINT, SIGTERM and SIGHUP sent to
+isobox itself are forwarded to the command's process group, once.
+
+(Because the terminal then belongs to the command's group alone, a program after isobox in
+the same pipeline that reads the terminal — ``isobox job run -- cmd | less`` — is stopped
+while the command runs: redirect isobox's stdin (``< /dev/null``) in that case.)
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
+import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from types import FrameType
 from typing import Any
@@ -26,8 +42,9 @@ def _io(specs: Sequence[str], key: str) -> list[IoLimit]:
             raise InvalidArgument(f"--io-{key.replace('_', '-')} {spec!r}: use DEVICE:RATE")
         try:
             out.append(IoLimit.for_path(dev, **{key: parse_size(rate)}))
-        except FileNotFoundError as exc:
-            raise InvalidArgument(f"--io-{key.replace('_', '-')}: no such device {dev}") from exc
+        except OSError as exc:
+            raise InvalidArgument(f"--io-{key.replace('_', '-')} {spec!r}: {dev}: "
+                                  f"{exc.strerror or exc}") from exc
     return out
 
 
@@ -55,15 +72,17 @@ def run_job(
 ) -> int:
     lim = build_limits(io_read=io_read_bps, io_write=io_write_bps, **limits)
     started = time.monotonic()
+    tty = _foreground_terminal()
     with Job(name, limits=lim) as job:
-        proc = job.spawn(command)
-
-        def forward(signum: int, _frame: FrameType | None) -> None:
-            proc.send_signal(signum)
-
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, forward)
-        status = proc.wait()
+        with _forwarding() as target:
+            proc = job.spawn(command, process_group=0, before_start=(
+                (lambda pid: _give_terminal(tty, pid)) if tty is not None else None))
+            target.append(proc.pid)
+            try:
+                status = _wait(proc, tty)
+            finally:
+                if tty is not None:
+                    _give_terminal(tty, os.getpgrp())
         job.terminate()  # what it left running goes with it, and is counted
         acct = job.accounting()
         events = [e.as_dict() for e in job.events()]
@@ -78,6 +97,76 @@ def run_job(
         _print_table(report)
     sys.stdout.flush()
     return code
+
+
+def _foreground_terminal() -> int | None:
+    """fd 0 if it is a terminal whose foreground process group is ours, else None."""
+    try:
+        if os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp():
+            return 0
+    except OSError:
+        pass
+    return None
+
+
+def _give_terminal(fd: int, pgid: int) -> None:
+    """Make ``pgid`` the terminal's foreground group. A background group (isobox, while
+    the command has the terminal) that calls tcsetpgrp gets SIGTTOU: ignored around it."""
+    old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        with contextlib.suppress(OSError):
+            os.tcsetpgrp(fd, pgid)
+    finally:
+        signal.signal(signal.SIGTTOU, old)
+
+
+@contextlib.contextmanager
+def _forwarding() -> Iterator[list[int]]:
+    """While inside: SIGINT/SIGTERM/SIGHUP sent to isobox go, once, to the process group
+    of the pid put in the yielded list (the command's; nothing before it exists)."""
+    target: list[int] = []
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        if not target:
+            return
+        try:
+            os.killpg(target[0], signum)
+        except (ProcessLookupError, PermissionError):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(target[0], signum)
+
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {sig: signal.signal(sig, forward) for sig in sigs}
+    try:
+        yield target
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _wait(proc: subprocess.Popen[bytes], tty: int | None) -> int:
+    """The command's exit status (negative: killed by that signal). With a terminal, a
+    stop of the command (Ctrl-Z) stops isobox too, as a shell's job control expects; on
+    continue the command gets the terminal back and is continued."""
+    if tty is None:
+        return int(proc.wait())
+    while True:
+        _pid, status = os.waitpid(proc.pid, os.WUNTRACED)
+        if os.WIFSTOPPED(status):
+            _give_terminal(tty, os.getpgrp())
+            os.kill(os.getpid(), signal.SIGSTOP)  # our shell sees the job stopped
+            # Continued. With ``fg`` our shell gave us the terminal: pass it on. With
+            # ``bg`` it did not: the command goes on in the background (reading the
+            # terminal stops it again, and us with it).
+            with contextlib.suppress(OSError):
+                if os.tcgetpgrp(tty) == os.getpgrp():
+                    _give_terminal(tty, proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGCONT)
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        proc.returncode = code
+        return code
 
 
 def _print_table(report: dict[str, object]) -> None:

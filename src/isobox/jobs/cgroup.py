@@ -12,22 +12,44 @@ Where jobs live:
 * v2: under ``<mount>/isobox/`` (v2 forbids enabling controllers below a cgroup that holds
   processes, such as the engine's own), or under ``$ISOBOX_CGROUP_PARENT``. A v2 job keeps
   its processes in a ``procs`` leaf so that nested jobs can sit beside them.
+
+The parents a top-level job's cgroup needs (``isobox/``, or ``$ISOBOX_CGROUP_PARENT``) are
+made on demand and removed again when they are empty after a job's removal
+(:meth:`Cgroup.remove_parents`); :meth:`Cgroup.create` retries when a parent vanishes under
+it, so concurrent jobs do not race each other there. Every empty component of
+``$ISOBOX_CGROUP_PARENT`` goes too (never the engine's own cgroup, never one with a process or
+another cgroup in it): settings made by hand on an empty one are lost with it, so put host
+settings on a cgroup that holds something, or above the hierarchy's mount.
+
+On v1 a job is the *union* of its folders in every hierarchy: :meth:`Cgroup.pids` and
+:meth:`Cgroup.kill_all` look at all of them, so a process that moved itself out of some
+hierarchies (a root process can) is still listed and killed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from isobox.errors import InvalidArgument, IsoboxError, NotFound, from_oserror
+from isobox.errors import (
+    Conflict,
+    InvalidArgument,
+    IsoboxError,
+    NotFound,
+    SystemError_,
+    from_oserror,
+)
 from isobox.jobs.limits import IoLimit, Limits
 
-CFS_PERIOD_US = 100_000
+CFS_PERIOD_US = 100_000  # the kernel's default period, used whenever it allows the rate
+CFS_PERIOD_MAX_US = 1_000_000  # the longest period the kernel accepts
+CFS_QUOTA_MIN_US = 1_000  # the smallest quota the kernel accepts
 V1_CONTROLLERS = (
     "cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "freezer", "devices",
 )
@@ -124,6 +146,32 @@ def _kv(text: str) -> dict[str, int]:
     return out
 
 
+def cfs_quota_period(cpu_rate: int, ncpu: int) -> tuple[int, int]:
+    """The CFS (quota, period) in microseconds for a CpuRate on ``ncpu`` CPUs.
+
+    The default 100 ms period is kept when it allows the rate; a small rate gets a longer
+    period (up to 1 s) so that its quota stays at or above the kernel's 1 ms minimum and
+    the ratio is exact. Below what 1 ms per 1 s allows, the quota is 1 ms: the nearest rate
+    that can be enforced, which :func:`enforced_cpu_rate` reports.
+    """
+    share = cpu_rate * ncpu  # in 1/10000 of one CPU
+    period = CFS_PERIOD_US
+    if share * period < CFS_QUOTA_MIN_US * 10000:
+        period = min(CFS_PERIOD_MAX_US, -(-CFS_QUOTA_MIN_US * 10000 // share))
+    quota = max(CFS_QUOTA_MIN_US, round(share * period / 10000))
+    return quota, period
+
+
+def enforced_cpu_rate(cpu_rate: int, ncpu: int) -> int:
+    """The CpuRate the kernel really enforces for ``cpu_rate``: the same, or (for a rate
+    below what the 1 ms minimum quota allows) the smallest one it can, rounded up."""
+    quota, period = cfs_quota_period(cpu_rate, ncpu)
+    real = quota * 10000 / (period * ncpu)
+    if real <= cpu_rate * 1.001:
+        return cpu_rate
+    return math.ceil(real - 1e-9)
+
+
 def _mounts() -> list[tuple[str, str, str]]:
     """(mount point, fs type, super options) of every cgroup mount."""
     out = []
@@ -153,11 +201,36 @@ class Cgroup:
 
     version: int
     rel: str  # the job's path relative to each hierarchy's mount
+    # create() refuses a folder that exists already (Conflict): a Job sets it, so two
+    # owners can never share one cgroup (mkdir decides, no exists() check before it).
+    exclusive: bool = False
 
-    def create(self) -> None: raise NotImplementedError
+    def create(self) -> None:
+        """Make the cgroup (and missing parents); see :attr:`exclusive`."""
+        raise NotImplementedError
+
     def child(self, name: str) -> Cgroup: raise NotImplementedError
     def add(self, pid: int) -> None: raise NotImplementedError
+
+    def move_in(self, pid: int) -> None:
+        """Move a *running* process in so that no child it forks meanwhile is left half in
+        (v1: see :meth:`CgroupV1.move_in`)."""
+        self.add(pid)
+
     def pids(self) -> list[int]: raise NotImplementedError
+
+    def own_pids(self) -> list[int]:
+        """The processes of this cgroup itself, not of nested ones (one cheap read)."""
+        raise NotImplementedError
+
+    def proc_keys(self) -> list[tuple[str, str]]:
+        """(controller, path) pairs that name this cgroup in ``/proc/PID/cgroup`` (the
+        controller is ``""`` on v2)."""
+        raise NotImplementedError
+
+    def remove_parents(self) -> None:
+        """Remove the parents made for top-level jobs when they are empty (best effort)."""
+
     def set_limits(self, limits: Limits, ncpu: int) -> None: raise NotImplementedError
     def set_devices(self, rules: list[DeviceRule]) -> bool: raise NotImplementedError
     def read(self) -> Counters: raise NotImplementedError
@@ -180,6 +253,57 @@ class Cgroup:
             time.sleep(0.005)
 
 
+class _Vanished(Exception):
+    """A parent folder was removed (by another job's clean-up) while we were creating."""
+
+
+# A folder removed under us: gone (ENOENT), or still visible but offline (ENODEV: mkdir in
+# it, or a write to a file opened just before the rmdir).
+_GONE = (errno.ENOENT, errno.ENODEV)
+
+
+def _tree(top: Path) -> list[Path]:
+    """``top`` and every folder below it, deepest first."""
+    if not top.is_dir():
+        return []
+    found = [Path(d) for d, _dirs, _files in os.walk(top)]
+    return sorted(found, key=lambda p: -len(p.parts))
+
+
+def _procs_of(dirpath: Path) -> list[int]:
+    return [int(x) for x in _read(dirpath / "cgroup.procs").split()]
+
+
+def _prune(path: Path, stop: Path) -> None:
+    """rmdir ``path``'s ancestors below ``stop`` while they are empty (stop at the first busy
+    one: it has another job or a process in it)."""
+    cur = path.parent
+    while cur != stop and stop in cur.parents:
+        try:
+            os.rmdir(cur)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return  # EBUSY/ENOTEMPTY: in use; anything else: not ours to force
+        cur = cur.parent
+
+
+def _proc_state(pid: int) -> str | None:
+    """The state letter of every thread of ``pid`` (None: no such process)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return None
+    states = ""
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                states += fh.read().rpartition(")")[2].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+    return states
+
+
 def _rmdir(path: Path, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -198,9 +322,16 @@ def _rmdir(path: Path, timeout: float = 5.0) -> None:
 class CgroupV1(Cgroup):
     version = 1
 
-    def __init__(self, paths: dict[str, Path], rel: str) -> None:
+    def __init__(
+        self, paths: dict[str, Path], rel: str, *, stop: dict[str, Path] | None = None,
+        mounts: dict[str, Path] | None = None,
+    ) -> None:
         self.paths = paths  # controller -> this job's folder in that hierarchy
         self.rel = rel.strip("/")
+        # controller -> the folder whose descendants remove_parents() may remove (the
+        # engine's own cgroup, or the mount); None: this cgroup's parents are not ours.
+        self.stop = stop
+        self._mounts = mounts
         self._eventfds: list[int] = []
 
     @staticmethod
@@ -217,15 +348,21 @@ class CgroupV1(Cgroup):
             raise NotFound(f"cgroup v1 controllers not mounted: {', '.join(missing)}")
         parent = os.environ.get("ISOBOX_CGROUP_PARENT")
         paths: dict[str, Path] = {}
+        stop: dict[str, Path] = {}
         for ctrl, point in mounts.items():
             # Under the engine's own cgroup of each controller, so host limits still hold.
-            base = parent if parent is not None else _own(ctrl).strip("/") + "/isobox"
+            own = _own(ctrl).strip("/")
+            base = parent if parent is not None else own + "/isobox"
             paths[ctrl] = Path(point) / base.strip("/") / name
-        return CgroupV1(paths, f"isobox/{name}")
+            stop[ctrl] = Path(point) if parent is not None else Path(point) / own
+        return CgroupV1(paths, f"isobox/{name}", stop=stop,
+                        mounts={c: Path(p) for c, p in mounts.items()})
 
     @staticmethod
-    def from_paths(paths: dict[str, str], rel: str) -> CgroupV1:
-        return CgroupV1({c: Path(p) for c, p in paths.items()}, rel)
+    def from_paths(paths: dict[str, str], rel: str,
+                   stop: dict[str, str] | None = None) -> CgroupV1:
+        return CgroupV1({c: Path(p) for c, p in paths.items()}, rel,
+                        stop={c: Path(p) for c, p in stop.items()} if stop else None)
 
     def _paths(self) -> dict[str, Path]:
         seen: dict[str, Path] = {}
@@ -240,32 +377,89 @@ class CgroupV1(Cgroup):
         return list(self._paths())
 
     def child(self, name: str) -> CgroupV1:
-        return CgroupV1({c: p / name for c, p in self.paths.items()}, f"{self.rel}/{name}")
+        return CgroupV1({c: p / name for c, p in self.paths.items()}, f"{self.rel}/{name}",
+                        mounts=self._mounts)
 
     def exists(self) -> bool:
         return any(p.is_dir() for p in self._paths().values())
 
     def create(self) -> None:
+        exclusive = self.exclusive
+        made: list[Path] = []  # this job's own folders made here (undone on a conflict)
+        # One folder per hierarchy: co-mounted controllers (cpu,cpuacct) share theirs.
+        hierarchies: dict[Path, set[str]] = {}
         for ctrl, path in self.paths.items():
-            missing: list[Path] = []
-            cur = path
-            while not cur.is_dir():
-                missing.append(cur)
-                cur = cur.parent
-            for d in reversed(missing):
-                try:
-                    d.mkdir()
-                except FileExistsError:
-                    continue
-                except OSError as exc:
-                    raise from_oserror("mkdir", str(d), exc) from exc
-                if ctrl == "cpuset":
-                    # A new v1 cpuset is empty: inherit the parent's CPUs and memory nodes.
-                    for f in ("cpuset.cpus", "cpuset.mems"):
-                        _write(d / f, _read(d.parent / f).strip() or "0")
+            hierarchies.setdefault(path, set()).add(ctrl)
+        try:
+            for path, ctrls in hierarchies.items():
+                if self._create_one(path, exclusive, cpuset="cpuset" in ctrls):
+                    made.append(path)
+        except BaseException:
+            for path in reversed(made):
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
+            raise
         if "memory" in self.paths:
             with contextlib.suppress(InvalidArgument):
                 _write(self._p("memory", "memory.use_hierarchy"), "1")
+
+    def _create_one(self, path: Path, exclusive: bool, *, cpuset: bool) -> bool:
+        """Make ``path`` and its missing parents; True if ``path`` itself was made here."""
+        for _ in range(50):
+            missing: list[Path] = []
+            cur = path
+            while not cur.is_dir() and cur != cur.parent:
+                missing.append(cur)
+                cur = cur.parent
+            if not missing:
+                if exclusive:
+                    raise Conflict(f"a job named {self.rel.rsplit('/', 1)[-1]!r} exists "
+                                   f"already ({path})")
+                return False
+            try:
+                for d in reversed(missing):
+                    try:
+                        d.mkdir()
+                    except FileExistsError:
+                        if d == path and exclusive:
+                            raise Conflict(f"a job named {self.rel.rsplit('/', 1)[-1]!r} "
+                                           f"exists already ({path})") from None
+                        continue
+                    except OSError as exc:
+                        if exc.errno in _GONE:
+                            raise _Vanished from None
+                        raise from_oserror("mkdir", str(d), exc) from exc
+                    if cpuset:
+                        self._inherit_cpuset(d)
+                return True
+            except _Vanished:
+                continue  # a parent was removed by another job's clean-up: again
+        raise CgroupError(f"creating {path}: its parent keeps disappearing")
+
+    @staticmethod
+    def _inherit_cpuset(d: Path) -> None:
+        """A new v1 cpuset is empty: give it its parent's CPUs and memory nodes. A parent
+        another owner has just made may still be empty itself, and v1 refuses a child's
+        set that is not within its parent's (EACCES): fill such ancestors first, top down,
+        with the nearest set value (the one their own creator is about to write)."""
+        try:
+            for f in ("cpuset.cpus", "cpuset.mems"):
+                empty: list[Path] = [d]
+                value = ""
+                for anc in d.parents:
+                    if not (anc / f).exists():
+                        break
+                    value = _read(anc / f).strip()
+                    if value:
+                        break
+                    empty.append(anc)
+                for target in reversed(empty):
+                    if target is d or not _read(target / f).strip():
+                        _write(target / f, value or "0")
+        except SystemError_ as exc:
+            if exc.errno in _GONE:
+                raise _Vanished from exc
+            raise
 
     def add(self, pid: int) -> None:
         for path in self._paths().values():
@@ -276,19 +470,79 @@ class CgroupV1(Cgroup):
                     raise NotFound(f"process {pid} does not exist") from exc
                 raise
 
+    def move_in(self, pid: int) -> None:
+        """Move a running process into every hierarchy, as one step for its children.
+
+        Each write to a hierarchy's ``cgroup.procs`` is atomic, the series is not: a child
+        forked between two writes would be born half in the job. So the process is stopped
+        (SIGSTOP, and we wait until every thread is stopped) for the moves and continued
+        after — unless it was stopped already, then it is left stopped. Its parent may see
+        the stop and the continue (SIGCHLD, ``WUNTRACED``), and a few system calls return
+        EINTR after a stop (signal(7)). The engine cannot stop itself: its own pid is moved
+        without the stop.
+        """
+        if len(self._paths()) == 1 or pid == os.getpid():
+            self.add(pid)
+            return
+        state = _proc_state(pid)
+        if state is None:
+            raise NotFound(f"process {pid} does not exist")
+        stopped_already = bool(state) and all(c in "TtZX" for c in state)
+        if not stopped_already:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError as exc:
+                raise NotFound(f"process {pid} does not exist") from exc
+        try:
+            deadline = time.monotonic() + 2.0
+            while not stopped_already and time.monotonic() < deadline:
+                state = _proc_state(pid)
+                if not state or all(c in "TtZX" for c in state):
+                    break
+                time.sleep(0.0005)
+            self.add(pid)
+        finally:
+            if not stopped_already:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
     def pids(self) -> list[int]:
-        """Every process in this job and its nested jobs."""
-        top = self.paths["pids" if "pids" in self.paths else "freezer"]
-        out: list[int] = []
-        for dirpath, _dirs, files in os.walk(top):
-            if "cgroup.procs" in files:
-                out += [int(x) for x in _read(Path(dirpath) / "cgroup.procs").split()]
-        return out
+        """Every process in this job and its nested jobs, in *any* of its hierarchies."""
+        seen: dict[int, None] = {}
+        for top in self._paths().values():
+            for dirpath in _tree(top):
+                for pid in _procs_of(dirpath):
+                    seen[pid] = None
+        return list(seen)
+
+    def own_pids(self) -> list[int]:
+        return _procs_of(self.paths["pids" if "pids" in self.paths else "freezer"])
+
+    def _mount(self, ctrl: str) -> Path | None:
+        if self._mounts is None:
+            self._mounts = {}
+            for c, p in self.paths.items():
+                point = _mount_of(p)
+                if point:
+                    self._mounts[c] = Path(point)
+        return self._mounts.get(ctrl)
+
+    def proc_keys(self) -> list[tuple[str, str]]:
+        keys: list[tuple[str, str]] = []
+        for ctrl, path in self.paths.items():
+            mount = self._mount(ctrl)
+            if mount is not None and mount in path.parents:
+                keys.append((ctrl, "/" + str(path.relative_to(mount))))
+        return keys
 
     def set_limits(self, limits: Limits, ncpu: int) -> None:
         if limits.cpu_rate is not None:
-            quota = max(1000, round(limits.cpu_rate / 10000 * ncpu * CFS_PERIOD_US))
-            _write(self._p("cpu", "cpu.cfs_period_us"), str(CFS_PERIOD_US))
+            # The kernel checks quota/period against the parent's and the children's at
+            # each write. Quota and period are both monotone in the rate (a lower rate: a
+            # longer period, a smaller quota), so the ratio between the two writes lies
+            # between the old and the new one: the order of Job.update() keeps it valid.
+            quota, period = cfs_quota_period(limits.cpu_rate, ncpu)
+            _write(self._p("cpu", "cpu.cfs_period_us"), str(period))
             _write(self._p("cpu", "cpu.cfs_quota_us"), str(quota))
         if limits.cpu_weight is not None:
             shares = min(262144, max(2, limits.cpu_weight * 1024 // 100))
@@ -332,10 +586,16 @@ class CgroupV1(Cgroup):
 
     def read(self) -> Counters:
         c = Counters()
+        total = _read(self._p("cpuacct", "cpuacct.usage")).strip()
         user = _read(self._p("cpuacct", "cpuacct.usage_user")).strip()
-        if user:
-            c.cpu_user_ns = int(user)
-            c.cpu_kernel_ns = int(_read(self._p("cpuacct", "cpuacct.usage_sys")).strip() or 0)
+        if total and user:
+            # usage is exact; the user/system split is sampled at timer ticks, so a job that
+            # used a few milliseconds may show 0 + 0. Split the exact total in the sampled
+            # ratio (all of it as user time when no tick hit: the kernel's cputime_adjust).
+            u = int(user)
+            k = int(_read(self._p("cpuacct", "cpuacct.usage_sys")).strip() or 0)
+            c.cpu_user_ns = int(total) * u // (u + k) if u + k else int(total)
+            c.cpu_kernel_ns = int(total) - c.cpu_user_ns
         else:
             stat = _kv(_read(self._p("cpuacct", "cpuacct.stat")))
             hz = os.sysconf("SC_CLK_TCK")
@@ -372,18 +632,30 @@ class CgroupV1(Cgroup):
     def thaw(self) -> None:
         _write(self._p("freezer", "freezer.state"), "THAWED")
 
+    def _thaw_tree(self) -> None:
+        """Thaw every nested freezer folder, deepest first, then this one: a v1 child that
+        was frozen itself stays frozen when only its parent is thawed."""
+        if "freezer" not in self.paths:
+            return
+        for d in _tree(self.paths["freezer"]):
+            with contextlib.suppress(IsoboxError):
+                _write(d / "freezer.state", "THAWED")
+
     def kill_all(self) -> None:
         # Frozen, no process can fork between listing and killing; SIGKILL is delivered
-        # when they thaw. Then wait until the cgroup is empty (re-killing stragglers).
+        # when they thaw. Then wait until the cgroup is empty (re-killing stragglers, in
+        # every hierarchy: a process that left the freezer one is killed too).
         if not self.exists():
             return
-        self.freeze()
+        with contextlib.suppress(IsoboxError):  # a task stuck in D state: kill anyway
+            if "freezer" in self.paths:
+                self.freeze()
         try:
             for pid in self.pids():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         finally:
-            self.thaw()
+            self._thaw_tree()
         self._wait_empty()
 
     def remove(self) -> None:
@@ -392,7 +664,16 @@ class CgroupV1(Cgroup):
                 os.close(fd)
         self._eventfds.clear()
         for path in self._paths().values():
-            _rmdir(path)
+            for d in _tree(path):  # folders a process of the job made, then the job's
+                _rmdir(d)
+
+    def remove_parents(self) -> None:
+        if self.stop is None:
+            return
+        for ctrl, path in self.paths.items():
+            stop = self.stop.get(ctrl)
+            if stop is not None:
+                _prune(path, stop)
 
     def watches(self) -> Watches:
         w = Watches(files=[str(self._p("pids", "pids.events"))])
@@ -413,9 +694,10 @@ class CgroupV1(Cgroup):
 class CgroupV2(Cgroup):
     version = 2
 
-    def __init__(self, rel: str, mount: str) -> None:
+    def __init__(self, rel: str, mount: str, *, prune: bool = False) -> None:
         self.rel = rel.strip("/")
         self.mount = mount
+        self.prune = prune  # remove_parents() may remove this cgroup's empty parents
 
     @staticmethod
     def root(name: str) -> CgroupV2:
@@ -423,7 +705,7 @@ class CgroupV2(Cgroup):
         if mount is None:
             raise NotFound("no cgroup v2 hierarchy is mounted")
         parent = os.environ.get("ISOBOX_CGROUP_PARENT", "isobox").strip("/")
-        return CgroupV2(f"{parent}/{name}", mount)
+        return CgroupV2(f"{parent}/{name}", mount, prune=True)
 
     @property
     def path(self) -> Path:
@@ -448,21 +730,44 @@ class CgroupV2(Cgroup):
         return set(_read(self.path / "cgroup.controllers").split())
 
     def create(self) -> None:
+        for _ in range(50):
+            try:
+                self._create_once(self.exclusive)
+                return
+            except _Vanished:
+                continue  # a parent was removed by another job's clean-up: again
+        raise CgroupError(f"creating {self.path}: its parent keeps disappearing")
+
+    def _create_once(self, exclusive: bool) -> None:
         cur = Path(self.mount)
-        for part in Path(self.rel).parts:
-            self._enable_below(cur)
+        parts = Path(self.rel).parts
+        for i, part in enumerate(parts):
+            try:
+                self._enable_below(cur)
+            except SystemError_ as exc:
+                if exc.errno in _GONE:
+                    raise _Vanished from exc
+                raise
             cur = cur / part
             try:
                 cur.mkdir()
             except FileExistsError:
-                pass
+                if exclusive and i == len(parts) - 1:
+                    raise Conflict(f"a job named {part!r} exists already ({cur})") from None
             except OSError as exc:
+                if exc.errno in _GONE:
+                    raise _Vanished from None
                 raise from_oserror("mkdir", str(cur), exc) from exc
-        self._enable_below(self.path)
         try:
+            self._enable_below(self.path)
             self.leaf.mkdir(exist_ok=True)
-        except OSError as exc:
-            raise from_oserror("mkdir", str(self.leaf), exc) from exc
+        except BaseException as exc:
+            if exclusive:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.path)
+            if isinstance(exc, OSError):
+                raise from_oserror("mkdir", str(self.leaf), exc) from exc
+            raise
 
     @staticmethod
     def _enable_below(path: Path) -> None:
@@ -488,6 +793,12 @@ class CgroupV2(Cgroup):
                 out += [int(x) for x in _read(Path(dirpath) / "cgroup.procs").split()]
         return out
 
+    def own_pids(self) -> list[int]:
+        return _procs_of(self.leaf)
+
+    def proc_keys(self) -> list[tuple[str, str]]:
+        return [("", f"/{self.rel}/procs"), ("", f"/{self.rel}")]
+
     def _need(self, ctrl: str, what: str) -> None:
         if ctrl not in self.available():
             raise InvalidArgument(
@@ -497,8 +808,8 @@ class CgroupV2(Cgroup):
     def set_limits(self, limits: Limits, ncpu: int) -> None:
         if limits.cpu_rate is not None:
             self._need("cpu", "cpu_rate")
-            quota = max(1000, round(limits.cpu_rate / 10000 * ncpu * CFS_PERIOD_US))
-            _write(self.path / "cpu.max", f"{quota} {CFS_PERIOD_US}")
+            quota, period = cfs_quota_period(limits.cpu_rate, ncpu)
+            _write(self.path / "cpu.max", f"{quota} {period}")
         if limits.cpu_weight is not None:
             self._need("cpu", "cpu_weight")
             _write(self.path / "cpu.weight", str(limits.cpu_weight))
@@ -536,10 +847,20 @@ class CgroupV2(Cgroup):
         c.memory_current = int(_read(self.path / "memory.current").strip() or 0)
         c.memory_peak = int(_read(self.path / "memory.peak").strip() or 0)
         c.page_faults = _kv(_read(self.path / "memory.stat")).get("pgfault", 0)
-        mev = _kv(_read(self.path / "memory.events"))
-        c.memory_limit_hits = mev.get("max", 0)
-        c.oom_kills = mev.get("oom_kill", 0)
-        c.pids_limit_hits = _kv(_read(self.path / "pids.events")).get("max", 0)
+        # v2's memory.events and pids.events count the events of every descendant too:
+        # a nested job's OOM kill would reach its parent twice (its own counter, and the
+        # child's event, which every job passes to its ancestors). The ``.local`` files
+        # (Linux 5.2 and 6.13) count this cgroup's own: the limit set on the job folder,
+        # the OOM kills of its processes (in ``procs``).
+        c.memory_limit_hits, c.oom_kills = 0, 0
+        for d in (self.path, self.leaf):
+            local = d / "memory.events.local"
+            mev = _kv(_read(local if local.exists() else d / "memory.events"))
+            c.memory_limit_hits += mev.get("max", 0)
+            c.oom_kills += mev.get("oom_kill", 0)
+            if not local.exists():
+                break  # no .local: the job folder's hierarchical counters hold them all
+        c.pids_limit_hits = _kv(_read(self._events_file("pids"))).get("max", 0)
         for line in _read(self.path / "io.stat").splitlines():
             fields_ = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
             c.io_read_bytes += int(fields_.get("rbytes", 0))
@@ -559,6 +880,10 @@ class CgroupV2(Cgroup):
     def thaw(self) -> None:
         _write(self.path / "cgroup.freeze", "0")
 
+    def _events_file(self, ctrl: str) -> Path:
+        local = self.path / f"{ctrl}.events.local"
+        return local if local.exists() else self.path / f"{ctrl}.events"
+
     def kill_all(self) -> None:
         if not self.exists():
             return
@@ -575,12 +900,18 @@ class CgroupV2(Cgroup):
         self._wait_empty()
 
     def remove(self) -> None:
-        _rmdir(self.leaf)
-        _rmdir(self.path)
+        for d in _tree(self.path):  # procs, folders a process of the job made, the job's
+            _rmdir(d)
+
+    def remove_parents(self) -> None:
+        if self.prune:
+            _prune(self.path, Path(self.mount))
 
     def watches(self) -> Watches:
-        return Watches(files=[str(self.path / f) for f in ("memory.events", "pids.events")
-                              if (self.path / f).exists()])
+        files = [self._events_file("pids"), self._events_file("memory")]
+        if (self.leaf / "memory.events.local").exists():
+            files.append(self.leaf / "memory.events.local")
+        return Watches(files=[str(f) for f in files if f.exists()])
 
 
 def _v2_mount() -> str | None:
@@ -613,18 +944,24 @@ def detect(name: str) -> Cgroup:
 def describe(cg: Cgroup) -> dict[str, object]:
     """What the reaper needs to find a job's cgroup again (JSON-serialisable)."""
     if isinstance(cg, CgroupV1):
-        return {"version": 1, "rel": cg.rel, "paths": {c: str(p) for c, p in cg.paths.items()}}
+        out: dict[str, object] = {
+            "version": 1, "rel": cg.rel, "paths": {c: str(p) for c, p in cg.paths.items()}}
+        if cg.stop is not None:
+            out["stop"] = {c: str(p) for c, p in cg.stop.items()}
+        return out
     assert isinstance(cg, CgroupV2)
-    return {"version": 2, "rel": cg.rel, "mount": cg.mount}
+    return {"version": 2, "rel": cg.rel, "mount": cg.mount, "prune": cg.prune}
 
 
 def from_description(desc: dict[str, object]) -> Cgroup:
     rel = str(desc["rel"])
     if desc.get("version") == 1:
-        paths = desc["paths"]
+        paths, stop = desc["paths"], desc.get("stop")
         assert isinstance(paths, dict)
-        return CgroupV1.from_paths({str(k): str(v) for k, v in paths.items()}, rel)
-    return CgroupV2(rel, str(desc["mount"]))
+        return CgroupV1.from_paths(
+            {str(k): str(v) for k, v in paths.items()}, rel,
+            {str(k): str(v) for k, v in stop.items()} if isinstance(stop, dict) else None)
+    return CgroupV2(rel, str(desc["mount"]), prune=bool(desc.get("prune", False)))
 
 
 def cgroup_at(path: str | None, name: str) -> Cgroup:

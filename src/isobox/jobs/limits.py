@@ -4,12 +4,18 @@ Units follow the Windows Job object / HCS document where they exist:
 
 * ``cpu_rate``: hard CPU cap in 1/100 of a percent of the *whole machine* (``CpuRate``):
   10000 is every CPU, 1000 is 10% of the machine. ``cpus=1.5`` converts with
-  :func:`cpu_rate_from_cpus`.
+  :func:`cpu_rate_from_cpus`. A small rate gets a longer CFS period (up to 1 s) so that it
+  is enforced exactly; below what the kernel's 1 ms minimum quota per 1 s allows (a rate
+  under 10 divided by the number of CPUs) the nearest enforceable rate is used and
+  ``cpu_rate`` is listed in :attr:`Limits.clamped`.
 * ``cpu_weight``: 1..10000 (``ProcessorWeight``), 100 is the default share.
 * ``memory``: the job's committed memory limit in bytes (``JobMemoryLimit``).
 * ``process_memory``: a per-process limit in bytes (``ProcessMemoryLimit``), applied as
   ``RLIMIT_AS`` to every process the job spawns (children inherit it).
-* ``pids``: the active process limit (``ActiveProcessLimit``).
+* ``pids``: the job's **task** limit: processes *and threads* count, because that is what
+  the kernel's pids controller counts (a process with 8 threads uses 9). It is the nearest
+  cgroups have to ``ActiveProcessLimit``, which counts processes only: size it for the
+  threads the job's programs start (a JVM or a Go program starts dozens).
 * ``io``: per-device rates (bytes/s and operations/s, read and write).
 * ``cpuset``: the CPUs the job may run on (``"0-1"``), the Job object's affinity.
 
@@ -20,6 +26,7 @@ setting is **clamped** (not refused): the child's effective value is the parent'
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields, replace
@@ -45,8 +52,8 @@ def parse_size(text: str) -> int:
 def cpu_rate_from_cpus(cpus: float, ncpu: int | None = None) -> int:
     """``cpus=1.5`` on a 2-CPU machine is a CpuRate of 7500 (75% of the machine)."""
     n = ncpu or os.cpu_count() or 1
-    if cpus <= 0:
-        raise InvalidArgument(f"--cpus must be positive, not {cpus}")
+    if not math.isfinite(cpus) or cpus <= 0:
+        raise InvalidArgument(f"--cpus must be a positive number, not {cpus}")
     if cpus > n:
         raise InvalidArgument(f"--cpus {cpus} is more than the {n} CPUs of this machine")
     return max(1, round(cpus / n * 10000))
@@ -139,22 +146,26 @@ class Limits:
         return replace(out, io=tuple(io), clamped=tuple(clamped))
 
 
+MAX_CPUS = 8192  # the kernel's largest NR_CPUS: no CPU number reaches it
+
+
 def parse_cpuset(text: str) -> frozenset[int]:
+    """``"0-2,5"`` -> {0, 1, 2, 5}. CPU numbers are checked (< 8192) before a range is
+    expanded, so a hostile range costs nothing."""
     cpus: set[int] = set()
     try:
         for raw in text.split(","):
             part = raw.strip()
             if not part:
                 continue
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if lo > hi:
-                    raise ValueError
-                cpus.update(range(lo, hi + 1))
-            else:
-                cpus.add(int(part))
+            lo, dash, hi = part.partition("-")
+            first, last = int(lo), int(hi if dash else lo)
+            if not 0 <= first <= last < MAX_CPUS:
+                raise ValueError
+            cpus.update(range(first, last + 1))
     except ValueError as exc:
-        raise InvalidArgument(f"invalid cpuset {text!r} (examples: 0, 0-1, 0,2)") from exc
+        raise InvalidArgument(f"invalid cpuset {text!r} (examples: 0, 0-1, 0,2; CPU numbers "
+                              f"below {MAX_CPUS})") from exc
     if not cpus:
         raise InvalidArgument(f"invalid cpuset {text!r}: no CPU in it")
     return frozenset(cpus)
