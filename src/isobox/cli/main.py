@@ -253,7 +253,7 @@ def job() -> None:
 @click.option("--cpu-weight", type=int, help="CPU weight 1..10000 (100 is the default share).")
 @click.option("--memory", help="Job memory limit (20m, 1g).")
 @click.option("--process-memory", help="Per-process memory limit (RLIMIT_AS).")
-@click.option("--pids", type=int, help="Active process limit.")
+@click.option("--pids", type=int, help="Task limit: processes and threads.")
 @click.option("--cpuset", help="CPUs the job may use (0-1).")
 @click.option("--io-read-bps", multiple=True, metavar="DEV:RATE", help="Read rate per device.")
 @click.option("--io-write-bps", multiple=True, metavar="DEV:RATE", help="Write rate per device.")

@@ -306,6 +306,8 @@ class Container:
                 cg.thaw()
             cg.kill_all()
             _remove_cgroup_tree(cg)
+        with contextlib.suppress(Exception):
+            cg.remove_parents()  # the engine's isobox/ parent, when no container is left
         self.fifo.unlink(missing_ok=True)
 
     def pause(self) -> None:
