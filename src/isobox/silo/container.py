@@ -40,7 +40,7 @@ from isobox.jobs.cgroup import (
     describe,
     from_description,
 )
-from isobox.silo.config import Hook, SiloConfig
+from isobox.silo.config import Hook, Process, SiloConfig
 from isobox.silo.init import spawn
 
 STATE_VERSION = 1
@@ -70,6 +70,9 @@ class State:
     annotations: dict[str, str] = field(default_factory=dict)
     cgroup: dict[str, Any] = field(default_factory=dict)
     hooks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # The container's process as converted at create: exec's defaults, without parsing
+    # config.json again (pydantic's models cost ~200 ms to load).
+    process: dict[str, Any] = field(default_factory=dict)
     started: bool = False
     version: int = STATE_VERSION
 
@@ -151,6 +154,12 @@ class Container:
                     out.append(cls.load(root, name))
         return out
 
+    def base_process(self) -> Process:
+        """The container's own process settings (exec starts from them)."""
+        d = dict(self.state.process)
+        d["rlimits"] = [tuple(r) for r in d.get("rlimits", [])]
+        return Process(**d)
+
     @property
     def cgroup(self) -> Cgroup:
         return from_description(self.state.cgroup)
@@ -210,6 +219,7 @@ class Container:
             created=datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
             annotations=cfg.annotations, cgroup=describe(cg),
             hooks={k: [asdict(h) for h in v] for k, v in cfg.hooks.items()},
+            process=asdict(cfg.process),
         )
         c = cls(root, state)
         c.save()  # first: whatever follows can be released by delete, even after a crash
