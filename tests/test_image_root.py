@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -29,11 +30,13 @@ def test_container_writes_land_in_its_scratch_layer(tmp_path: Path, isobox_env: 
         cfg["process"]["terminal"] = False
         cfg["process"]["args"] = ["sh", "-c", "echo hi > /hello; rm /bin/ls; cat /hello"]
         (bundle / "config.json").write_text(json.dumps(cfg))
-        out = subprocess.run(
+        # Container ids name host-wide cgroups (as with runc): keep this one unique.
+        cid = f"image-root-{uuid.uuid4().hex[:8]}"
+        proc = subprocess.run(
             [sys.executable, "-m", "isobox.oci.cli", "--root", str(tmp_path / "state"), "run",
-             "c1"], cwd=bundle, capture_output=True, text=True, check=True,
-        ).stdout
-        assert out == "hi\n"
+             cid], cwd=bundle, capture_output=True, text=True, check=False,
+        )
+        assert (proc.returncode, proc.stdout) == (0, "hi\n"), proc.stderr
     finally:
         unmount_image_root(rootfs)
     assert not is_mounted(rootfs) and not rootfs.exists()
