@@ -178,3 +178,14 @@ def test_update_events_list_ps_and_features(bundle: Path, tmp_path: Path) -> Non
         assert "seccomp" in features["linux"] and "user" in features["linux"]["namespaces"]
     finally:
         rt("delete", "--force", "c")
+
+
+def test_time_namespace_and_domainname(bundle: Path) -> None:
+    ns = json.loads((bundle / "config.json").read_text())["linux"]["namespaces"]
+    host_ns = os.readlink("/proc/self/ns/time")
+    proc = run(bundle, ["sh", "-c", "readlink /proc/self/ns/time; cat /proc/sys/kernel/domainname"],
+               linux__namespaces=[*ns, {"type": "time"}], domainname="silo.example")
+    assert proc.returncode == 0, proc.stderr
+    time_ns, domain = proc.stdout.split()
+    assert time_ns.startswith("time:[") and time_ns != host_ns
+    assert domain == "silo.example"
