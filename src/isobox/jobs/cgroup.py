@@ -242,6 +242,11 @@ class Cgroup:
     def watches(self) -> Watches: raise NotImplementedError
     def dirs(self) -> list[str]: raise NotImplementedError
 
+    def _sigkill_members(self) -> None:
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     def _wait_empty(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while self.pids():
@@ -651,9 +656,7 @@ class CgroupV1(Cgroup):
             if "freezer" in self.paths:
                 self.freeze()
         try:
-            for pid in self.pids():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            self._sigkill_members()
         finally:
             self._thaw_tree()
         self._wait_empty()
@@ -892,9 +895,7 @@ class CgroupV2(Cgroup):
         else:
             self.freeze()
             try:
-                for pid in self.pids():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+                self._sigkill_members()
             finally:
                 self.thaw()
         self._wait_empty()

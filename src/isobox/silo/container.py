@@ -24,7 +24,6 @@ import re
 import select
 import signal
 import subprocess
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -315,7 +314,7 @@ class Container:
             with contextlib.suppress(Exception):
                 cg.thaw()
             cg.kill_all()
-            _remove_cgroup_tree(cg)
+            cg.remove()
         with contextlib.suppress(Exception):
             cg.remove_parents()  # the engine's isobox/ parent, when no container is left
         self.fifo.unlink(missing_ok=True)
@@ -387,21 +386,6 @@ def _is_frozen(cg: Cgroup) -> bool:
         if events.exists():
             return "frozen 1" in events.read_text()
     return False
-
-
-def _remove_cgroup_tree(cg: Cgroup) -> None:
-    for top in cg.dirs():
-        if not os.path.isdir(top):
-            continue
-        for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):
-            for _ in range(200):
-                try:
-                    os.rmdir(dirpath)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.01)
 
 
 def _host_id(mapping: list[tuple[int, int, int]], inside: int) -> int:
