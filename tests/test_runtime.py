@@ -169,7 +169,8 @@ def test_killed_mid_create_then_delete_leaves_nothing(rt: Runtime) -> None:
     init = json.loads((rt.root / "c1" / "state.json").read_text())["pid"]
     proc.kill()  # the runtime dies while its hook runs: the init exists, create never ended
     proc.wait()
-    assert Path(f"/proc/{init}").exists()
+    # The runtime's hooks run while the init waits on the sync socket before pivot_root
+    # (as runc): with the runtime gone the init may be ending by itself already.
     rt("delete", "--force", "c1")
     deadline = time.monotonic() + 5
     while Path(f"/proc/{init}").exists() and time.monotonic() < deadline:

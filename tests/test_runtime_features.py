@@ -94,22 +94,26 @@ def test_hooks_run_in_order_with_the_state_on_stdin(bundle: Path, tmp_path: Path
     hook.write_text(f"#!/bin/sh\nstate=$(cat)\necho \"$1 $state\" >> {log}\n")
     hook.chmod(0o755)
     hooks = {kind: [{"path": str(hook), "args": ["hook.sh", kind]}]
-             for kind in ("prestart", "createRuntime", "poststart", "poststop")}
-    # createContainer and startContainer run inside the container's mount namespace: the
-    # hook path is resolved there, so give the rootfs its own copy of the hook.
+             for kind in ("prestart", "createRuntime", "createContainer", "poststart",
+                          "poststop")}
+    # createContainer runs in the init, in the container's namespaces before pivot_root:
+    # its path resolves on the host (the spec). startContainer runs as the container's
+    # process, after pivot_root: its path resolves in the container, so give the rootfs its
+    # own copy of the hook.
     inner = bundle / "rootfs" / "hook.sh"
     inner.write_text("#!/bin/sh\ncat > /dev/null; echo \"$1\" >> /hook-ran\n")
     inner.chmod(0o755)
-    hooks["createContainer"] = [{"path": "/hook.sh", "args": ["hook.sh", "createContainer"]}]
     hooks["startContainer"] = [{"path": "/hook.sh", "args": ["hook.sh", "startContainer"]}]
     proc = run(bundle, ["true"], hooks=hooks)
     assert proc.returncode == 0, proc.stderr
     lines = log.read_text().splitlines()
-    assert [ln.split()[0] for ln in lines] == ["prestart", "createRuntime", "poststart",
-                                               "poststop"]
-    assert json.loads(lines[0].split(" ", 1)[1])["id"] == "c"
-    assert (bundle / "rootfs" / "hook-ran").read_text().split() == ["createContainer",
-                                                                    "startContainer"]
+    assert [ln.split()[0] for ln in lines] == ["prestart", "createRuntime", "createContainer",
+                                               "poststart", "poststop"]
+    states = [json.loads(ln.split(" ", 1)[1]) for ln in lines]
+    assert states[0]["id"] == "c"
+    assert states[2]["pid"] == states[0]["pid"] > 0  # the init's host pid
+    assert states[2]["bundle"] == str(bundle)
+    assert (bundle / "rootfs" / "hook-ran").read_text().split() == ["startContainer"]
 
 
 def test_identity_limits_and_process_settings(bundle: Path) -> None:

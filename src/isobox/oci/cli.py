@@ -166,7 +166,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _root(args: argparse.Namespace) -> Path:
-    return Path(args.root)
+    """The state root; an existing one must be the runtime's own and writable by it only
+    (anyone else could plant or replace containers' state there)."""
+    root = Path(args.root)
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        return root
+    import stat
+
+    if not stat.S_ISDIR(st.st_mode):
+        raise InvalidArgument(f"--root {root} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise InvalidArgument(f"--root {root} is owned by uid {st.st_uid}, not by the "
+                              f"runtime's user ({os.geteuid()}): refusing to use it")
+    if st.st_mode & 0o022:
+        raise InvalidArgument(f"--root {root} is writable by group or others "
+                              f"(mode {stat.S_IMODE(st.st_mode):o}): refusing to use it")
+    return root
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -236,10 +253,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         console_socket=args.console_socket, preserve_fds=args.preserve_fds,
         pid_file=Path(args.pid_file) if args.pid_file else None,
     )
-    c.start()
-    if args.detach:
-        return 0
-    status = _wait_for(c.state.pid)
+    try:
+        c.start()
+        if args.detach:
+            return 0
+        status = _wait_for(c.state.pid)
+    except BaseException:
+        # As runc: a run that fails to start leaves nothing (init, cgroup, state).
+        import contextlib
+
+        with contextlib.suppress(Exception):
+            c.delete(force=True)
+        raise
     if not args.keep:
         c.delete(force=True)
     return status
@@ -310,7 +335,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     try:
         result = exec_in(c.state.pid, c.cgroup, proc, detach=args.detach,
                          console_socket=console, preserve_fds=args.preserve_fds,
-                         on_pid=write_pid)
+                         on_pid=write_pid, user_ns=c.state.user_ns)
     finally:
         if console is not None:
             console.close()

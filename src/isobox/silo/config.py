@@ -222,6 +222,7 @@ def from_oci(cfg: Any, bundle: Path) -> SiloConfig:
         silo.masked_paths = list(linux.masked_paths or [])
         silo.readonly_paths = list(linux.readonly_paths or [])
         silo.sysctl = dict(linux.sysctl or {})
+        check_sysctls(silo)
         if linux.rootfs_propagation:
             silo.rootfs_propagation = _PROPAGATION[linux.rootfs_propagation]
         silo.cgroups_path = linux.cgroups_path
@@ -236,6 +237,51 @@ def from_oci(cfg: Any, bundle: Path) -> SiloConfig:
             silo.hooks[kind] = [Hook(h.path, list(h.args or [h.path]), list(h.env or []),
                                      h.timeout) for h in hooks]
     return silo
+
+
+# Namespaced sysctls, as runc's validation accepts them: the IPC ones (and fs.mqueue.*) need
+# the container's own IPC namespace, kernel.hostname/domainname its own UTS namespace, net.*
+# its own network namespace. Anything else (vm.*, kernel.core_pattern, ...) is host-global:
+# the init writes it as root, so it would change the host.
+_IPC_SYSCTLS = frozenset({
+    "kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem", "kernel.shmall",
+    "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced",
+})
+_UTS_SYSCTLS = frozenset({"kernel.hostname", "kernel.domainname"})
+
+
+def _own_namespace(silo: SiloConfig, kind: str) -> bool:
+    """The container gets a namespace of ``kind`` that is not the runtime's (the host's)."""
+    for t, path in silo.namespaces:
+        if t != kind:
+            continue
+        if path is None:
+            return True
+        try:
+            theirs = os.stat(path)
+            ours = os.stat(f"/proc/self/ns/{L.NAMESPACE_FILES[kind]}")
+        except OSError:
+            return True  # checked again (and refused) when the init joins it
+        return (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino)
+    return False
+
+
+def check_sysctls(silo: SiloConfig) -> None:
+    """Refuse a sysctl that is not namespaced, or whose namespace is the host's."""
+    for raw in silo.sysctl:
+        key = raw.replace("/", ".")
+        if key in _IPC_SYSCTLS or key.startswith("fs.mqueue."):
+            need = "ipc"
+        elif key in _UTS_SYSCTLS:
+            need = "uts"
+        elif key.startswith("net."):
+            need = "network"
+        else:
+            raise InvalidDocument(f"linux.sysctl: {raw!r} is not a namespaced sysctl: it "
+                                  "would change the host")
+        if not _own_namespace(silo, need):
+            raise InvalidDocument(f"linux.sysctl: {raw!r} needs the container's own {need} "
+                                  "namespace (it would change the host's)")
 
 
 def device_rules_from_oci(res: Any, devices: list[Device]) -> list[DeviceRule]:

@@ -10,9 +10,16 @@ The status is never trusted from the file alone: it is derived from the init's p
 against its start time, so a reused pid is not mistaken for the container), the exec fifo
 (present until ``start``) and the freezer. An illegal step raises :class:`IllegalState`.
 
-``<root>/<id>/state.json`` is written atomically (temp file + rename) first thing in
-``create`` — before anything is allocated — with the cgroup it will use, so ``delete`` can
-release everything even when ``create`` was killed -9 halfway.
+``<root>/<id>/state.json`` (0600: it holds the process's environment) is written atomically
+(temp file + rename) first thing in ``create`` — before anything is allocated — with the
+cgroup it will use, so ``delete`` can release everything even when ``create`` was killed -9
+halfway. The cgroup is made exclusively (a folder that exists already is refused) and its
+folders' inodes are recorded right after: ``delete`` kills and removes only a cgroup this
+container made, never one of another container that happens to have the same path.
+
+Hooks: prestart, createRuntime, poststart and poststop run here, on the host, as the
+runtime. createContainer and startContainer run inside the container init (``init.py``):
+never as the runtime with only the container's mount namespace.
 """
 
 from __future__ import annotations
@@ -23,7 +30,6 @@ import os
 import re
 import select
 import signal
-import subprocess
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -40,7 +46,11 @@ from isobox.jobs.cgroup import (
     from_description,
 )
 from isobox.silo.config import Hook, Process, SiloConfig
+from isobox.silo.hooks import run_hook
 from isobox.silo.init import spawn
+
+__all__ = ["Container", "IllegalState", "State", "Status", "check_id", "parse_signal",
+           "run_hook"]
 
 STATE_VERSION = 1
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
@@ -73,6 +83,11 @@ class State:
     # config.json again (pydantic's models cost ~200 ms to load).
     process: dict[str, Any] = field(default_factory=dict)
     started: bool = False
+    # The container has its own user namespace (exec joins it and drops groups there).
+    user_ns: bool = False
+    # The cgroup's folders this container made, with their inodes (its owner token): a
+    # cgroup that is not recorded here, or was replaced since, is never killed or removed.
+    cgroup_owner: dict[str, int] = field(default_factory=dict)
     version: int = STATE_VERSION
 
 
@@ -127,7 +142,11 @@ class Container:
 
     def save(self) -> None:
         tmp = self.dir / "state.json.tmp"
-        tmp.write_text(json.dumps(asdict(self.state)))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # a leftover of a killed save: O_EXCL below makes it anew, 0600
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(asdict(self.state)))
         os.replace(tmp, self.dir / "state.json")
 
     @classmethod
@@ -218,15 +237,19 @@ class Container:
             created=datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
             annotations=cfg.annotations, cgroup=describe(cg),
             hooks={k: [asdict(h) for h in v] for k, v in cfg.hooks.items()},
-            process=asdict(cfg.process),
+            process=asdict(cfg.process), user_ns=cfg.new_namespace("user"),
         )
         c = cls(root, state)
         c.save()  # first: whatever follows can be released by delete, even after a crash
         console = None
         try:
-            if cg.exists() and cg.pids():
-                raise Conflict(f"cgroup {cg.rel} is in use by other processes")
+            # Never share a cgroup: an existing folder (another container's, maybe stopped
+            # but not deleted, under another --root) is refused, and delete releases only
+            # the folders recorded as made here.
+            cg.exclusive = True
             cg.create()
+            state.cgroup_owner = _cgroup_inodes(cg)
+            c.save()
             cg.set_limits(cfg.limits, os.cpu_count() or 1)
             if not cg.set_devices(cfg.device_rules or list(DEFAULT_DEVICE_RULES)):
                 # Device rules not enforceable here (cgroup v2 without an eBPF program):
@@ -246,20 +269,28 @@ class Container:
 
                 console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 console.connect(console_socket)
+
+            def before_pivot(pid: int) -> dict[str, Any]:
+                # The init has made its mounts and waits (not pivoted yet): record it, run
+                # the runtime's hooks, and hand the init the state for its own hooks.
+                state.pid, state.pid_start = pid, _start_time(pid)
+                c.save()
+                c._run_hooks("prestart")
+                c._run_hooks("create_runtime")
+                return c.oci_state()
+
             # If we die mid-create, the sync socket closes and stage 1 and the init exit;
             # what they left is in the cgroup recorded above, which delete releases.
             pid = spawn(cfg, join_cgroup=cg.add, exec_fifo=str(c.fifo),
-                        console_socket=console, preserve_fds=preserve_fds)
-            state.pid, state.pid_start = pid, _start_time(pid)
-            c.save()
-            c._run_hooks("prestart")
-            c._run_hooks("create_runtime")
-            c._run_hooks("create_container")
+                        console_socket=console, preserve_fds=preserve_fds,
+                        before_pivot=before_pivot)
             if pid_file is not None:
                 _atomic_write(pid_file, str(pid))
         except BaseException:
             with contextlib.suppress(Exception):
                 c._destroy()
+            if not _alive(state.pid, state.pid_start):
+                c._remove_dir()  # nothing left to release: no state either
             raise
         finally:
             if console is not None:
@@ -270,7 +301,7 @@ class Container:
         status = self.status()
         if status != Status.CREATED:
             raise IllegalState(f"container {self.state.id} is {status}, not created")
-        self._run_hooks("start_container")
+        # startContainer hooks run in the init, as the container's process (init.py).
         fd = os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             ready, _, _ = select.select([fd], [], [], 10.0)
@@ -302,19 +333,33 @@ class Container:
             )
         self._destroy()
         self._run_hooks("poststop", fatal=False)
+        self._remove_dir()
+
+    def _remove_dir(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             for name in os.listdir(self.dir):
                 os.unlink(self.dir / name)
             os.rmdir(self.dir)
 
+    def owns_cgroup(self) -> bool:
+        """The cgroup's folders are still the ones this container made (same inodes)."""
+        owner = self.state.cgroup_owner
+        if not owner:
+            return False
+        return _cgroup_inodes(self.cgroup, only=owner) == {
+            d: ino for d, ino in owner.items() if os.path.isdir(d)}
+
     def _destroy(self) -> None:
-        """Kill what is left, release the cgroup. Idempotent."""
+        """Kill what is left, release the cgroup — only one this container made.
+        Idempotent."""
         cg = self.cgroup
-        if cg.exists():
+        if self.owns_cgroup() and cg.exists():
             with contextlib.suppress(Exception):
                 cg.thaw()
             cg.kill_all()
             cg.remove()
+        elif _alive(self.state.pid, self.state.pid_start):
+            os.kill(self.state.pid, signal.SIGKILL)  # the init at least: it is ours
         with contextlib.suppress(Exception):
             cg.remove_parents()  # the engine's isobox/ parent, when no container is left
         self.fifo.unlink(missing_ok=True)
@@ -330,51 +375,30 @@ class Container:
         self.cgroup.thaw()
 
     def pids(self) -> list[int]:
-        return self.cgroup.pids() if self.cgroup.exists() else []
+        return self.cgroup.pids() if self.owns_cgroup() and self.cgroup.exists() else []
 
     # ---- hooks ---------------------------------------------------------------------------
 
     def _run_hooks(self, kind: str, *, fatal: bool = True) -> None:
+        """Run the runtime-side hooks of ``kind`` (never createContainer/startContainer:
+        those run inside the init)."""
+        assert kind not in ("create_container", "start_container"), kind
         for raw in self.state.hooks.get(kind, []):
             hook = Hook(**raw)
-            inside = kind in ("create_container", "start_container")
             try:
-                run_hook(hook, json.dumps(self.oci_state()).encode(),
-                         ns_pid=self.state.pid if inside else None)
+                run_hook(hook, json.dumps(self.oci_state()).encode())
             except IsoboxError:
                 if fatal:
                     raise
 
 
-def run_hook(hook: Hook, state: bytes, *, ns_pid: int | None) -> None:
-    """Run one OCI hook with the state on stdin; inside the container's mount namespace
-    when ``ns_pid`` is given (createContainer, startContainer)."""
-    preexec = None
-    if ns_pid is not None:
-        mnt = os.open(f"/proc/{ns_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-
-        def preexec() -> None:  # runs in the forked child only; single syscall
-            L.setns(mnt, L.CLONE_NEWNS, "hook mount namespace")
-    try:
-        proc = subprocess.run(
-            # args[0] is the hook's argv[0], as the spec says (dockerd's own binary is its
-            # prestart hook and finds its job, "libnetwork-setkey", in argv[0]).
-            hook.args or [hook.path], executable=hook.path, input=state,
-            env=dict(e.split("=", 1) for e in hook.env if "=" in e),
-            capture_output=True, timeout=hook.timeout, check=False,
-            preexec_fn=preexec,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise IsoboxError(f"hook {hook.path} timed out after {hook.timeout}s") from exc
-    except OSError as exc:
-        raise IsoboxError(f"hook {hook.path}: {exc}") from exc
-    finally:
-        if ns_pid is not None:
-            os.close(mnt)
-    if proc.returncode != 0:
-        raise IsoboxError(
-            f"hook {hook.path} exited {proc.returncode}: {proc.stderr.decode(errors='replace')}"
-        )
+def _cgroup_inodes(cg: Cgroup, only: dict[str, int] | None = None) -> dict[str, int]:
+    """Inode of each of the cgroup's folders that exists (of those in ``only`` if given)."""
+    out: dict[str, int] = {}
+    for d in (list(only) if only is not None else cg.dirs()):
+        with contextlib.suppress(OSError):
+            out[d] = os.stat(d).st_ino
+    return out
 
 
 def _is_frozen(cg: Cgroup) -> bool:

@@ -1,16 +1,22 @@
 """Run another process in a running silo: join its namespaces and its cgroup, then harden.
 
-The caller forks an intermediate (the caller has one thread), which joins the cgroup and
-the namespaces of the container's init (the user namespace first; the pid namespace takes
-effect for children, so it forks again). The grandchild — inside everything — sets up its
-terminal, identity and working directory, reports its pid, and execs through the sealed
-trampoline with the container's seccomp filter. Without ``detach`` the caller, a child
-subreaper, waits for it and returns its exit code.
+The caller forks an intermediate (the caller has one thread), which makes itself
+non-dumpable (before any setns), joins the cgroup and the namespaces of the container's init
+(the user namespace first; the pid namespace takes effect for children only), then — still
+outside the container's pid namespace, where no process of the container can see it — sets
+up the terminal, the identity, capabilities, working directory, no_new_privs and seccomp.
+The process inside the pid namespace is made by ``posix_spawn`` of the sealed trampoline
+(clone and exec, no Python in between, a new session): the container never sees a process
+whose exe is the host's Python. Without ``detach`` the caller, a child subreaper, waits for
+it and returns its exit code.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
+import dataclasses
+import fcntl
 import os
 import socket
 from collections.abc import Callable
@@ -20,7 +26,7 @@ from isobox._sys import linux as L
 from isobox.jobs.cgroup import Cgroup
 from isobox.silo import harden
 from isobox.silo.config import Process
-from isobox.silo.init import _recv, _send, _setup_terminal
+from isobox.silo.init import _TIOCGPTN, _TIOCSPTLCK, InitError, _recv, _send
 
 if TYPE_CHECKING:
     from isobox._sys.seccomp import Filter
@@ -37,8 +43,11 @@ def exec_in(
     console_socket: socket.socket | None = None,
     preserve_fds: int = 0,
     on_pid: Callable[[int], None] | None = None,
+    user_ns: bool = False,
 ) -> int:
-    """Returns the process's exit status (128+signal when killed), or its pid if detached."""
+    """Returns the process's exit status (128+signal when killed), or its pid if detached.
+
+    ``user_ns``: the container has its own user namespace (recorded in its state)."""
     filt = harden.compile_seccomp(proc)  # before setns: host files are out of reach after
     trampoline = harden.sealed_trampoline()
     if not detach:
@@ -50,7 +59,8 @@ def exec_in(
         try:
             parent.close()
             _intermediate(init_pid, cgroup, proc, child, console=console_socket,
-                          trampoline=trampoline, preserve_fds=preserve_fds, filt=filt)
+                          trampoline=trampoline, preserve_fds=preserve_fds, filt=filt,
+                          user_ns=user_ns)
             code = 0
         except BaseException as exc:
             with contextlib.suppress(OSError):
@@ -78,7 +88,21 @@ def exec_in(
 
 def _intermediate(init_pid: int, cgroup: Cgroup, proc: Process, sock: socket.socket, *,
                   console: socket.socket | None, trampoline: int, preserve_fds: int,
-                  filt: Filter | None) -> None:
+                  filt: Filter | None, user_ns: bool) -> None:
+    # Before joining anything: a process of the container must never ptrace this one or
+    # open its /proc files (its exe is the host's Python). Inherited by the fork below.
+    L.prctl(L.PR_SET_DUMPABLE, 0)
+    keep = {0, 1, 2, *range(3, 3 + preserve_fds)}
+    # Now, while /proc is the host's (this process has no pid in the container's /proc):
+    # nothing of the runtime's reaches the process.
+    harden.close_fds(keep | {trampoline, sock.fileno()}
+                     | ({console.fileno()} if console is not None else set()))
+    if proc.oom_score_adj is not None:
+        # Through the host's /proc, now; inherited by the process (harden.apply would use
+        # /proc/self, where this process is not, once in the container's mount namespace).
+        with open("/proc/self/oom_score_adj", "w") as fh:
+            fh.write(str(proc.oom_score_adj))
+        proc = dataclasses.replace(proc, oom_score_adj=None)
     cgroup.add(os.getpid())
     fds = []
     for kind in NS_ORDER:
@@ -93,24 +117,47 @@ def _intermediate(init_pid: int, cgroup: Cgroup, proc: Process, sock: socket.soc
     for kind, fd in fds:
         L.setns(fd, L.NAMESPACE_FLAGS[kind], f"{kind} namespace of {init_pid}")
         os.close(fd)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.setsid()
-            L.prctl(L.PR_SET_DUMPABLE, 0)
-            if proc.terminal:
-                _setup_terminal(console)
-            keep = {0, 1, 2, *range(3, 3 + preserve_fds)}
-            harden.apply(proc, new_user_ns=False, filt=filt)
-            harden.enter_cwd(proc)
-            _send(sock, {"exec": True})
-            sock.close()
-            harden.exec_process(proc, trampoline, keep, filt)
-        except BaseException as exc:
-            with contextlib.suppress(OSError):
-                _send(sock, {"error": str(exc), "step": "starting the process"})
-        finally:
-            os._exit(code)
+    # Everything is done here, outside the container's pid namespace (where none of its
+    # processes can see this one): identity, capabilities, cwd, no_new_privs, seccomp. The
+    # process in the pid namespace is then made by posix_spawn (clone + exec, no Python in
+    # between): the container never sees a process whose exe is the host's Python, which
+    # PR_SET_DUMPABLE alone does not hide from a container holding CAP_SYS_PTRACE.
+    pts = _terminal_stdio(console) if proc.terminal else None
+    harden.apply(proc, new_user_ns=user_ns, filt=filt)
+    harden.enter_cwd(proc)
+    if proc.no_new_privileges:
+        L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
+        if filt is not None:
+            filt.load()
+    actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = []
+    if pts is not None:
+        # Opened by the new session's leader without O_NOCTTY: it becomes the controlling
+        # terminal (setsid runs before the file actions).
+        actions.append((os.POSIX_SPAWN_OPEN, 0, pts, os.O_RDWR, 0))
+    # The memfd through the /proc of the container's pid namespace, where the new process
+    # is (its own descriptor table, a copy of this one).
+    pid = os.posix_spawn(f"/proc/self/fd/{trampoline}", ["env", "--", *proc.args],
+                         harden.exec_env(proc), setsid=True, file_actions=actions)
     _send(sock, {"pid": pid})
+    _send(sock, {"exec": True})
 
+
+def _terminal_stdio(console: socket.socket | None) -> str:
+    """A pty from the container's devpts (master to the console socket), its slave on
+    stdio; returns the slave's path (the new process opens it to make it its terminal)."""
+    if console is None:
+        raise InitError("process.terminal is set but no --console-socket was given")
+    master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    fcntl.ioctl(master, _TIOCSPTLCK, array.array("i", [0]))
+    n = array.array("i", [0])
+    fcntl.ioctl(master, _TIOCGPTN, n)
+    path = f"/dev/pts/{n[0]}"
+    slave = os.open(path, os.O_RDWR | os.O_NOCTTY)
+    socket.send_fds(console, [b"/dev/ptmx"], [master])
+    os.close(master)
+    console.close()
+    for fd in (0, 1, 2):
+        os.dup2(slave, fd)  # given to the process's user by harden.apply (fix_stdio_owner)
+    if slave > 2:
+        os.close(slave)
+    return path

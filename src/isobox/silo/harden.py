@@ -18,6 +18,7 @@ import errno
 import fcntl
 import os
 import resource
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -89,8 +90,12 @@ def apply(proc: Process, *, new_user_ns: bool, filt: Filter | None = None) -> No
         filt.load()
     fix_stdio_owner(proc.uid)
     L.drop_bounding(proc.bounding)
-    if not new_user_ns or proc.additional_gids:
-        os.setgroups(proc.additional_gids)
+    # Always, also in a user namespace (its setgroups file says "allow": the runtime writes
+    # the maps as a privileged process, init._write_id_maps): the caller's supplementary
+    # groups must not stay with the container's process. ``new_user_ns`` (the container
+    # has its own user namespace, for exec: joins one) changes nothing here any more.
+    del new_user_ns
+    os.setgroups(proc.additional_gids)
     L.prctl(L.PR_SET_KEEPCAPS, 1)
     os.setresgid(proc.gid, proc.gid, proc.gid)
     os.setresuid(proc.uid, proc.uid, proc.uid)
@@ -146,17 +151,25 @@ def compile_seccomp(proc: Process) -> Filter | None:
 
 
 def exec_process(proc: Process, trampoline: int, keep_fds: set[int],
-                 filt: Filter | None) -> None:
+                 filt: Filter | None, *, before_exec: Callable[[], None] | None = None,
+                 ) -> None:
     """no_new_privs, seccomp (compiled beforehand; loaded here only with no_new_privs, see
-    :func:`apply`), then exec the program through the sealed trampoline."""
+    :func:`apply`), ``before_exec`` (the startContainer hooks: with everything of the
+    process in force), then exec the program through the sealed trampoline."""
     close_fds(keep_fds | {trampoline})
     if proc.no_new_privileges:
         L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
         if filt is not None:
             filt.load()
+    if before_exec is not None:
+        before_exec()
+    # busybox env: no options, so a program name with "=" in it is not taken as a variable.
+    os.execve(trampoline, ["env", "--", *proc.args], exec_env(proc))
+
+
+def exec_env(proc: Process) -> dict[str, str]:
+    """The process's environment, with a default PATH."""
     env = list(proc.env)
     if not any(e.startswith("PATH=") for e in env):
         env.append("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-    # busybox env: no options, so a program name with "=" in it is not taken as a variable.
-    envp = dict(e.split("=", 1) for e in env if "=" in e)
-    os.execve(trampoline, ["env", "--", *proc.args], envp)
+    return dict(e.split("=", 1) for e in env if "=" in e)

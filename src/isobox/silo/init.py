@@ -6,14 +6,22 @@
     ─────────────────────────            ───────                      ───────────────────
     fork ──────────────────────────────▶ "stage1"
     add stage 1 to the job's cgroup ───▶ "go"
+                                         non-dumpable; setgroups([])
                                          setns(paths) / unshare(new)
                                          [new user ns: "idmap" ◀─▶ maps written]
                                          unshare(pid); fork ────────▶
-    ◀──────────────────────────────────  {"init": pid}; exit          setsid; rootfs; pivot_root
+    ◀──────────────────────────────────  {"init": pid}; exit          setsid; mounts, /dev
+    ◀────────────────────────────────────────────────────────────────  "hooks"
+    prestart, createRuntime hooks (host)
+    {"state": ...} ──────────────────────────────────────────────────▶ createContainer hooks
+                                                                      (host paths, container
+                                                                      namespaces); pivot_root
     ◀────────────────────────────────────────────────────────────────  "created" / {"error"}
                                                                       open exec fifo for
                                                                       writing: blocks until
-    (``start`` opens the fifo's read end) ───────────────────────────▶ start; harden; exec
+    (``start`` opens the fifo's read end) ───────────────────────────▶ start; harden;
+                                                                      startContainer hooks
+                                                                      (as the process); exec
 
 Messages are JSON over a SOCK_SEQPACKET socketpair. Everything privileged happens in forked
 children of a process that has no other threads (DESIGN.md: never clone from a threaded
@@ -37,6 +45,7 @@ from isobox._sys import linux as L
 from isobox.errors import IsoboxError
 from isobox.silo import harden, rootfs
 from isobox.silo.config import SiloConfig
+from isobox.silo.hooks import run_hook
 
 if TYPE_CHECKING:
     from isobox._sys.seccomp import Filter
@@ -51,7 +60,7 @@ def _send(sock: socket.socket, msg: dict[str, Any]) -> None:
 
 
 def _recv(sock: socket.socket, what: str) -> dict[str, Any]:
-    data = sock.recv(65536)
+    data = sock.recv(1 << 20)
     if not data:
         raise InitError(f"container init exited during {what}")
     msg: dict[str, Any] = json.loads(data)
@@ -64,8 +73,11 @@ def _write_id_maps(pid: int, cfg: SiloConfig) -> None:
     def fmt(rows: list[tuple[int, int, int]]) -> str:
         return "".join(f"{c} {h} {n}\n" for c, h, n in rows)
 
+    # "allow": the maps are written by a privileged runtime, so setgroups() need not be
+    # denied, and the container's process must be able to drop the caller's supplementary
+    # groups (harden.apply always calls setgroups, with an empty list when there are none).
     with open(f"/proc/{pid}/setgroups", "w") as fh:
-        fh.write("deny" if not cfg.process.additional_gids else "allow")
+        fh.write("allow")
     with open(f"/proc/{pid}/uid_map", "w") as fh:
         fh.write(fmt(cfg.uid_map))
     with open(f"/proc/{pid}/gid_map", "w") as fh:
@@ -79,10 +91,14 @@ def spawn(
     exec_fifo: str | None,
     console_socket: socket.socket | None = None,
     preserve_fds: int = 0,
+    before_pivot: Callable[[int], dict[str, Any]] | None = None,
 ) -> int:
     """Create the silo; returns the host pid of its init, which waits on ``exec_fifo``.
 
     With ``exec_fifo`` None the init does not wait: the program starts at once (``run``).
+    ``before_pivot(init_pid)`` is called once the init's mounts are made and before its
+    ``pivot_root`` (the runtime's prestart and createRuntime hooks); it returns the OCI state
+    the init hands to the createContainer and startContainer hooks it runs itself.
     """
     if not cfg.new_namespace("mount"):
         raise InitError("a container needs its own mount namespace (linux.namespaces: mount)")
@@ -122,7 +138,10 @@ def spawn(
                 _send(parent, {"go": True})
                 msg = _recv(parent, "namespaces")
             init_pid = int(msg["init"])
-            _recv(parent, "root filesystem")
+            _recv(parent, "root filesystem")  # {"hooks": True}: mounts made, not pivoted
+            state = before_pivot(init_pid) if before_pivot is not None else {}
+            _send(parent, {"state": state})
+            _recv(parent, "root filesystem")  # "created"
     except BaseException:
         if init_pid:
             with contextlib.suppress(ProcessLookupError):
@@ -146,6 +165,10 @@ class _Pass:
 
 
 def _stage1(cfg: SiloConfig, sock: socket.socket, p: _Pass) -> None:
+    # Nothing in the container may ptrace this process or open its /proc files (its exe
+    # is the host's Python) while it joins namespaces; the init inherits this.
+    L.prctl(L.PR_SET_DUMPABLE, 0)
+    os.setgroups([])  # the caller's supplementary groups never reach the container
     _send(sock, {"stage1": True})
     _recv(sock, "cgroup")
     # Open every namespace to join first: the paths are host paths.
@@ -204,6 +227,16 @@ def _init(cfg: SiloConfig, sock: socket.socket, p: _Pass) -> None:
     fifo_fd = p.fifo
     with _Step("root filesystem"):
         rootfs.prepare(cfg)
+    # The runtime runs its prestart and createRuntime hooks now, then sends the state.
+    _send(sock, {"hooks": True})
+    state: dict[str, Any] = _recv(sock, "runtime hooks").get("state", {})
+    with _Step("createContainer hooks"):
+        # In every namespace of the container, before pivot_root: the path resolves on the
+        # host (never in the image), the working directory is the root (as runc).
+        os.chdir(cfg.root)
+        for hook in cfg.hooks.get("create_container", []):
+            run_hook(hook, json.dumps({**state, "status": "creating"}).encode())
+    with _Step("root filesystem"):
         rootfs.pivot(cfg.root)
         rootfs.finish(cfg)
     if cfg.process.terminal:
@@ -218,12 +251,21 @@ def _init(cfg: SiloConfig, sock: socket.socket, p: _Pass) -> None:
         os.write(fd, b"0")
         os.close(fd)
         os.close(fifo_fd)
+    start_hooks = cfg.hooks.get("start_container", [])
+
+    def start_container() -> None:
+        # As the container's process: its namespaces, cgroup, identity, capabilities,
+        # no_new_privs and seccomp; the path resolves inside the container.
+        for hook in start_hooks:
+            run_hook(hook, json.dumps({**state, "status": "created"}).encode())
+
     try:
         keep = {0, 1, 2, *range(3, 3 + p.preserve_fds)}
         harden.close_fds(keep | {p.trampoline})
         harden.apply(cfg.process, new_user_ns=cfg.new_namespace("user"), filt=p.seccomp)
         harden.enter_cwd(cfg.process)
-        harden.exec_process(cfg.process, p.trampoline, keep, p.seccomp)
+        harden.exec_process(cfg.process, p.trampoline, keep, p.seccomp,
+                            before_exec=start_container if start_hooks else None)
     except BaseException as exc:
         # After `created` the runtime has exited: the container's stderr is the one place
         # the reason can still reach (podman, docker and ctr show it).

@@ -79,34 +79,99 @@ def _ensure_target(target: str, source_is_dir: bool) -> None:
             pass
 
 
+def _own_cgroups() -> dict[str, str]:
+    """This process's cgroup per hierarchy, from /proc/self/cgroup: controllers (as
+    written there, "" for v2) -> path (relative to the cgroup namespace's root)."""
+    out: dict[str, str] = {}
+    with open("/proc/self/cgroup") as fh:
+        for line in fh:
+            _, ctrls, path = line.rstrip("\n").split(":", 2)
+            out[ctrls] = path
+    return out
+
+
+def _hierarchy_mounts(fstype: str) -> list[tuple[str, str, list[str]]]:
+    """(mount point, root, super options) of every ``fstype`` mount visible now."""
+    out = []
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            left, _, right = line.partition(" - ")
+            fields = right.split()
+            if not fields or fields[0] != fstype:
+                continue
+            parts = left.split()
+            out.append((parts[4], parts[3], fields[2].split(",")))
+    return out
+
+
+def _host_dir(mounts: list[tuple[str, str, list[str]]], ctrls: set[str],
+              path: str) -> str | None:
+    """The folder of cgroup ``path`` in a mounted hierarchy holding ``ctrls``."""
+    for point, mroot, opts in mounts:
+        if ctrls and not ctrls <= set(opts):
+            continue
+        if path == mroot or path.startswith(mroot.rstrip("/") + "/"):
+            rest = path[len(mroot.rstrip("/")):].lstrip("/")
+            d = os.path.join(point, rest)
+            if os.path.isdir(d):
+                return d
+    return None
+
+
+def _bind_cgroup(host_dir: str, target: str, flags: int) -> None:
+    L.mount(host_dir, target, None, L.MS_BIND)
+    L.mount(None, target, None, L.MS_REMOUNT | L.MS_BIND | L.MS_RDONLY
+            | (flags & (L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC | L.MS_RELATIME)))
+
+
 def _cgroup_mount(root: str, m: Mount, target: str) -> None:
-    """A read-only view of the container's own cgroups (a cgroup namespace makes it so)."""
+    """The container's own cgroups, never the host's tree.
+
+    In a cgroup namespace whose root is the container's cgroup (``/proc/self/cgroup`` says
+    ``/``) a fresh cgroupfs mount shows that cgroup only; it is writable only if the config
+    says ``rw``. Without one (v1 engines' default: cgroupns=host) a fresh mount would be the
+    host's whole hierarchy: then, as runc does, the container's own folder is bind-mounted,
+    always read-only."""
     _mkdirs(target)
     flags = m.flags & ~L.MS_BIND
+    own = _own_cgroups()
     v2 = any(
         line.split(" - ")[1].split()[0] == "cgroup2" and line.split()[4] == "/sys/fs/cgroup"
         for line in open("/proc/self/mountinfo")  # noqa: SIM115
     )
     if v2:
-        L.mount("cgroup2", target, "cgroup2", flags)
+        path = own.get("", "/")
+        if path == "/":
+            L.mount("cgroup2", target, "cgroup2", flags)
+            return
+        host = _host_dir(_hierarchy_mounts("cgroup2"), set(), path)
+        if host is None:
+            raise InvalidDocument(f"mount {m.destination}: the container's cgroup {path} "
+                                  "is not mounted on the host")
+        _bind_cgroup(host, target, flags)
         return
     L.mount("tmpfs", target, "tmpfs", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC, "mode=755")
+    mounts = _hierarchy_mounts("cgroup")
     seen: set[str] = set()
-    for line in open("/proc/self/mountinfo"):  # noqa: SIM115
-        _, _, right = line.partition(" - ")
-        fields = right.split()
-        if not fields or fields[0] != "cgroup":
-            continue
-        opts = fields[2].split(",")
+    for _point, _mroot, opts in mounts:
         ctrls = [o for o in opts if o not in ("rw", "ro") and not o.startswith("release_agent")]
         name = ",".join(c for c in ctrls if not c.startswith("name=")) or ctrls[-1].split("=")[-1]
         if name in seen:
             continue
         seen.add(name)
+        key = next((k for k in own if k and set(k.split(",")) <= set(opts)), None)
+        if key is None:
+            continue  # a hierarchy this process is not in (another name=): nothing to show
         sub = os.path.join(target, name)
         _mkdirs(sub)
-        with contextlib.suppress(SystemError_):
-            L.mount("cgroup", sub, "cgroup", flags, ",".join(ctrls))
+        path = own[key]
+        if path == "/":
+            with contextlib.suppress(SystemError_):
+                L.mount("cgroup", sub, "cgroup", flags, ",".join(ctrls))
+            continue
+        host = _host_dir(mounts, set(key.split(",")), path)
+        if host is not None:
+            _bind_cgroup(host, sub, flags)
     if flags & L.MS_RDONLY:
         L.mount(None, target, None, L.MS_REMOUNT | L.MS_BIND | L.MS_RDONLY | L.MS_NOSUID
                 | L.MS_NODEV | L.MS_NOEXEC)
@@ -185,10 +250,28 @@ def prepare(cfg: SiloConfig) -> None:
     """Everything before pivot_root: propagation, the root bind, mounts, /dev."""
     root = cfg.root
     L.mount(None, "/", None, cfg.rootfs_propagation or (L.MS_PRIVATE | L.MS_REC))
+    # As runc: the mount holding the root is made private (in this mount namespace only)
+    # before the root bind, so that with rootfsPropagation (r)shared nothing mounted in the
+    # container propagates to the host's copy of the bundle (and pivot_root, which refuses
+    # a shared parent, works).
+    _parent_mount_private(root)
     L.mount(root, root, None, L.MS_BIND | L.MS_REC)
     for m in cfg.mounts:
         mount_one(root, m)
     setup_dev(root, cfg)
+
+
+def _parent_mount_private(path: str) -> None:
+    best, shared = "", False
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            left = line.partition(" - ")[0].split()
+            point = left[4]
+            inside = path == point or path.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, shared = point, any(f.startswith("shared:") for f in left[6:])
+    if best and shared:
+        L.mount(None, best, None, L.MS_PRIVATE)
 
 
 def pivot(root: str) -> None:
