@@ -185,3 +185,14 @@ def isobox_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     monkeypatch.setenv("ISOBOX_ROOT", str(root))
     monkeypatch.setenv("ISOBOX_RUN", str(run))
     yield root
+
+
+@pytest.fixture(scope="module")
+def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The unpacked layer of a freshly bootstrapped busybox image (copy it before changing it)."""
+    from isobox.storage.bootstrap import bootstrap_busybox
+    from isobox.storage.store import ImageStore
+
+    store = ImageStore(tmp_path_factory.mktemp("store"))
+    img = bootstrap_busybox(store)
+    return store.layer_diff(img.layers[0].chain_id)

@@ -18,18 +18,8 @@ from typing import Any
 
 import pytest
 
-from isobox.storage.bootstrap import bootstrap_busybox
-from isobox.storage.store import ImageStore
-
 pytestmark = [pytest.mark.root, pytest.mark.cgroup1]
 RUNTIME = [sys.executable, "-m", "isobox.oci.cli"]
-
-
-@pytest.fixture(scope="module")
-def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    store = ImageStore(tmp_path_factory.mktemp("store"))
-    img = bootstrap_busybox(store)
-    return store.layer_diff(img.layers[0].chain_id)
 
 
 class Runtime:

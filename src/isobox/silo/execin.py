@@ -13,10 +13,8 @@ it and returns its exit code.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import dataclasses
-import fcntl
 import os
 import socket
 from collections.abc import Callable
@@ -26,7 +24,7 @@ from isobox._sys import linux as L
 from isobox.jobs.cgroup import Cgroup
 from isobox.silo import harden
 from isobox.silo.config import Process
-from isobox.silo.init import _TIOCGPTN, _TIOCSPTLCK, InitError, _recv, _send
+from isobox.silo.init import _recv, _send, pty_to_console, slave_on_stdio
 
 if TYPE_CHECKING:
     from isobox._sys.seccomp import Filter
@@ -145,19 +143,6 @@ def _intermediate(init_pid: int, cgroup: Cgroup, proc: Process, sock: socket.soc
 def _terminal_stdio(console: socket.socket | None) -> str:
     """A pty from the container's devpts (master to the console socket), its slave on
     stdio; returns the slave's path (the new process opens it to make it its terminal)."""
-    if console is None:
-        raise InitError("process.terminal is set but no --console-socket was given")
-    master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-    fcntl.ioctl(master, _TIOCSPTLCK, array.array("i", [0]))
-    n = array.array("i", [0])
-    fcntl.ioctl(master, _TIOCGPTN, n)
-    path = f"/dev/pts/{n[0]}"
-    slave = os.open(path, os.O_RDWR | os.O_NOCTTY)
-    socket.send_fds(console, [b"/dev/ptmx"], [master])
-    os.close(master)
-    console.close()
-    for fd in (0, 1, 2):
-        os.dup2(slave, fd)  # given to the process's user by harden.apply (fix_stdio_owner)
-    if slave > 2:
-        os.close(slave)
+    slave, path = pty_to_console(console)
+    slave_on_stdio(slave)  # given to the process's user by harden.apply (fix_stdio_owner)
     return path

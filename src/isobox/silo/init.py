@@ -278,20 +278,32 @@ _TIOCSPTLCK = 0x40045431  # unlock the pty slave
 _TIOCGPTN = 0x80045430  # the pty's number
 
 
-def _setup_terminal(console: socket.socket | None) -> None:
-    """A pty from the container's devpts; its master goes to the console socket."""
+def pty_to_console(console: socket.socket | None) -> tuple[int, str]:
+    """A pty from the container's devpts: its master goes to the console socket (and is
+    closed here); returns the slave's descriptor and path."""
     if console is None:
         raise InitError("process.terminal is set but no --console-socket was given")
     master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     fcntl.ioctl(master, _TIOCSPTLCK, array.array("i", [0]))
     n = array.array("i", [0])
     fcntl.ioctl(master, _TIOCGPTN, n)
-    slave = os.open(f"/dev/pts/{n[0]}", os.O_RDWR | os.O_NOCTTY)
+    path = f"/dev/pts/{n[0]}"
+    slave = os.open(path, os.O_RDWR | os.O_NOCTTY)
     socket.send_fds(console, [b"/dev/ptmx"], [master])
     os.close(master)
     console.close()
-    fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+    return slave, path
+
+
+def slave_on_stdio(slave: int) -> None:
     for fd in (0, 1, 2):
         os.dup2(slave, fd)
     if slave > 2:
         os.close(slave)
+
+
+def _setup_terminal(console: socket.socket | None) -> None:
+    """The init's terminal: the pty's slave is its controlling terminal and stdio."""
+    slave, _ = pty_to_console(console)
+    fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+    slave_on_stdio(slave)
