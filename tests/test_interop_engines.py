@@ -211,11 +211,11 @@ class Podman:
         return self.root / "graph" / "overlay" / ids[0] / "diff"
 
 
-@pytest.fixture
-def podman(tmp_path: Path) -> Iterator[Podman]:
-    require_tool("podman")
-    root = tmp_path / "podman"
-    (root / "tmpdir").mkdir(parents=True)
+def podman_env(root: Path, runtime: str | None = None) -> dict[str, str]:
+    """Configuration that keeps podman's state, locks, events and temporary files under
+    ``root``; returns the environment that points podman at it."""
+    runtime_line = f'runtime = "{runtime}"\n        ' if runtime else ""
+    (root / "tmpdir").mkdir(parents=True, exist_ok=True)
     (root / "storage.conf").write_text(textwrap.dedent(f"""\
         [storage]
         driver = "overlay"
@@ -231,7 +231,7 @@ def podman(tmp_path: Path) -> Iterator[Podman]:
         events_logger = "file"
         events_logfile_path = "{root}/events.log"
         lock_type = "file"
-        tmp_dir = "{root}/tmp"
+        {runtime_line}tmp_dir = "{root}/tmp"
         image_copy_tmp_dir = "{root}/tmpdir"
         static_dir = "{root}/graph/libpod"
         volume_path = "{root}/graph/volumes"
@@ -245,6 +245,14 @@ def podman(tmp_path: Path) -> Iterator[Podman]:
         CONTAINERS_STORAGE_CONF=str(root / "storage.conf"),
         TMPDIR=str(root / "tmpdir"),
     )
+    return env
+
+
+@pytest.fixture
+def podman(tmp_path: Path) -> Iterator[Podman]:
+    require_tool("podman")
+    root = tmp_path / "podman"
+    env = podman_env(root)
     yield Podman(root, env)
     assert mounts_under(root) == [], "podman left mounts behind"
     assert processes_mentioning(str(root)) == [], "podman left processes behind"

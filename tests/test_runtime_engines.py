@@ -53,6 +53,7 @@ from test_interop_engines import (
     _log_tail,
     _stop_dockerd,
     mounts_under,
+    podman_env,
     private_mounts,
     processes_mentioning,
     run,
@@ -228,37 +229,7 @@ def podman(tmp_path_factory: pytest.TempPathFactory, busybox_archive: Path) -> I
     require_tool("conmon")
     require_tool("runc")  # the reference
     root = tmp_path_factory.mktemp("podman")
-    (root / "tmpdir").mkdir()
-    (root / "storage.conf").write_text(textwrap.dedent(f"""\
-        [storage]
-        driver = "overlay"
-        graphroot = "{root}/graph"
-        runroot = "{root}/run"
-        """))
-    (root / "containers.conf").write_text(textwrap.dedent(f"""\
-        [containers]
-        default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
-
-        [engine]
-        cgroup_manager = "cgroupfs"
-        events_logger = "file"
-        events_logfile_path = "{root}/events.log"
-        lock_type = "file"
-        runtime = "runc"
-        tmp_dir = "{root}/tmp"
-        image_copy_tmp_dir = "{root}/tmpdir"
-        static_dir = "{root}/graph/libpod"
-        volume_path = "{root}/graph/volumes"
-
-        [network]
-        network_config_dir = "{root}/networks"
-        """))
-    env = os.environ.copy()
-    env.update(
-        CONTAINERS_CONF=str(root / "containers.conf"),
-        CONTAINERS_STORAGE_CONF=str(root / "storage.conf"),
-        TMPDIR=str(root / "tmpdir"),
-    )
+    env = podman_env(root, runtime="runc")
     p = Podman(root, env)
     p("load", "-i", str(busybox_archive))
     try:
