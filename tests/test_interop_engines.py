@@ -23,6 +23,7 @@ Isolation (see /work/shared/notes/peers.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -361,13 +362,28 @@ def _stop_dockerd(proc: subprocess.Popen[bytes], root: Path) -> None:
             time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
+def assert_no_leftovers(root: Path, what: str, log: Path | None = None) -> None:
+    """No process (a shim, conmon, a container) and no mount mentions the engine's folder.
+    Processes found are killed (they are this test's: their command line names its
+    folder), then the test fails."""
+    left = processes_mentioning(f"{root}/")
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    stuck = mounts_under(root)
+    tail = _log_tail(log) if log else ""
+    assert left == [], f"{what} left processes {left}:\n{tail}"
+    assert stuck == [], f"{what} left mounts {stuck}"
+
+
+@contextlib.contextmanager
+def running_dockerd(root: Path, runtimes: dict[str, Any] | None = None) -> Iterator[Docker]:
+    """A dockerd with all its state under ``root`` that leaves the host's network alone;
+    stopped on exit, with no process or mount of it left behind."""
     require_tool("dockerd")
     assert Path(DOCKER_CLI).is_file(), f"{DOCKER_CLI} (Debian's docker.io client) is missing"
-    root = tmp_path_factory.mktemp("dockerd")
     sock = root / "docker.sock"
-    config = {
+    config: dict[str, Any] = {
         "data-root": str(root / "data"),
         "exec-root": str(root / "exec"),
         "pidfile": str(root / "docker.pid"),
@@ -381,6 +397,8 @@ def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
         "ip-masq": False,
         "bridge": "none",
     }
+    if runtimes:
+        config["runtimes"] = runtimes
     (root / "daemon.json").write_text(json.dumps(config, indent=2))
     env = os.environ.copy()
     env["DOCKER_CONFIG"] = str(root / "client")  # not /root/.docker
@@ -411,11 +429,18 @@ def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
         sys.stderr.write(f"\ndockerd ready in {time.monotonic() - started:.2f} s\n")
         yield docker
     finally:
+        if proc.poll() is None:
+            ids = docker("ps", "-aq", check=False).stdout.split()
+            if ids:
+                docker("rm", "--force", *ids, check=False)
         _stop_dockerd(proc, root)
-        left = processes_mentioning(str(root))
-        stuck = mounts_under(root)
-        assert left == [], f"dockerd left processes {left}:\n{_log_tail(log)}"
-        assert stuck == [], f"dockerd left mounts {stuck}"
+        assert_no_leftovers(root, "dockerd", log)
+
+
+@pytest.fixture(scope="module")
+def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Docker]:
+    with running_dockerd(tmp_path_factory.mktemp("dockerd")) as docker:
+        yield docker
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -30,8 +30,6 @@ process and no mount of them is left.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import pty
 import select
@@ -51,12 +49,11 @@ from test_interop_engines import (
     DOCKER_CLI,
     Docker,
     _log_tail,
-    _stop_dockerd,
-    mounts_under,
+    assert_no_leftovers,
     podman_env,
     private_mounts,
-    processes_mentioning,
     run,
+    running_dockerd,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.tools, pytest.mark.cgroup1,
@@ -156,20 +153,6 @@ def assert_gone(cid: str, runtime_root: Path) -> None:
         time.sleep(0.05)
     assert state_left(runtime_root) == [], f"state left under {runtime_root}"
     assert cgroup_leftovers(cid) == [], "cgroups left"
-
-
-def assert_no_leftovers(root: Path, what: str, log: Path | None = None) -> None:
-    """No process (a shim, conmon, a container) and no mount mentions the engine's folder.
-    Processes found are killed (they are this test's: their command line names its
-    folder), then the test fails."""
-    left = processes_mentioning(f"{root}/")
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    stuck = mounts_under(root)
-    tail = _log_tail(log) if log else ""
-    assert left == [], f"{what} left processes {left}:\n{tail}"
-    assert stuck == [], f"{what} left mounts {stuck}"
 
 
 def stop_daemon(proc: subprocess.Popen[bytes]) -> None:
@@ -418,55 +401,11 @@ def test_containerd_run_tty_as_runc(containerd: Containerd) -> None:
 
 @pytest.fixture(scope="module")
 def dockerd(tmp_path_factory: pytest.TempPathFactory, busybox_archive: Path) -> Iterator[Docker]:
-    require_tool("dockerd")
     require_tool("runc")
-    assert Path(DOCKER_CLI).is_file(), f"{DOCKER_CLI} (Debian's docker.io client) is missing"
     root = tmp_path_factory.mktemp("dockerd")
-    sock = root / "docker.sock"
-    config = {
-        "data-root": str(root / "data"),
-        "exec-root": str(root / "exec"),
-        "pidfile": str(root / "docker.pid"),
-        "hosts": [f"unix://{sock}"],
-        "storage-driver": "overlay2",
-        "deprecated-key-path": str(root / "key.json"),
-        "iptables": False,
-        "ip6tables": False,
-        "ip-forward": False,
-        "ip-masq": False,
-        "bridge": "none",
-        "runtimes": {"isobox": {"path": str(RUNTIME)}},
-    }
-    (root / "daemon.json").write_text(json.dumps(config, indent=2))
-    env = os.environ.copy()
-    env["DOCKER_CONFIG"] = str(root / "client")
-    docker = Docker(root, sock, env)
-    log = root / "dockerd.log"
-    argv = private_mounts({"/run": root / "host-run", "/opt": root / "host-opt"},
-                          ["dockerd", "--config-file", str(root / "daemon.json")])
-    started = time.monotonic()
-    with open(log, "wb") as logfh:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logfh,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"dockerd exited {proc.returncode} while starting:\n{_log_tail(log)}")
-            if sock.exists() and docker("version", check=False).returncode == 0:
-                break
-            if time.monotonic() - started > DAEMON_START_TIMEOUT:
-                pytest.fail(f"dockerd not answering after {DAEMON_START_TIMEOUT:.0f} s:\n"
-                            f"{_log_tail(log)}")
-            time.sleep(0.1)
-        sys.stderr.write(f"\ndockerd ready in {time.monotonic() - started:.2f} s\n")
+    with running_dockerd(root, {"isobox": {"path": str(RUNTIME)}}) as docker:
         docker("load", "-i", str(busybox_archive))
         yield docker
-    finally:
-        ids = docker("ps", "-aq", check=False).stdout.split() if proc.poll() is None else []
-        if ids:
-            docker("rm", "--force", *ids, check=False)
-        _stop_dockerd(proc, root)
-        assert_no_leftovers(root, "dockerd", log)
 
 
 def docker_runtime_root(docker: Docker) -> Path:
