@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -185,6 +186,18 @@ def isobox_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     monkeypatch.setenv("ISOBOX_ROOT", str(root))
     monkeypatch.setenv("ISOBOX_RUN", str(run))
     yield root
+
+
+def set_paths(doc: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """Set nested keys of a JSON document: ``linux__sysctl=v`` sets ``doc["linux"]["sysctl"]``
+    (missing levels are created). Returns ``doc``."""
+    for path, value in changes.items():
+        node = doc
+        keys = path.split("__")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return doc
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from conftest import set_paths
+
 pytestmark = [pytest.mark.root, pytest.mark.cgroup1]
 RUNTIME = [sys.executable, "-m", "isobox.oci.cli"]
 
@@ -30,12 +32,7 @@ def run(bundle: Path, args: list[str], *, root: Path | None = None, **cfg_change
     cfg = json.loads((bundle / "config.json").read_text())
     cfg["process"]["terminal"] = False
     cfg["process"]["args"] = args
-    for path, value in cfg_changes.items():
-        node = cfg
-        keys = path.split("__")
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
+    set_paths(cfg, cfg_changes)
     (bundle / "config.json").write_text(json.dumps(cfg))
     state = root or bundle.parent / "state"
     out, err = bundle.parent / "o", bundle.parent / "e"

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from conftest import set_paths
+
 pytestmark = [pytest.mark.root, pytest.mark.cgroup1]
 RUNTIME = [sys.executable, "-m", "isobox.oci.cli"]
 
@@ -43,12 +45,7 @@ class RT:
         cfg = json.loads(json.dumps(self.base))
         cfg["process"]["args"] = args
         cfg["process"]["terminal"] = False
-        for path, value in changes.items():
-            node = cfg
-            keys = path.split("__")
-            for k in keys[:-1]:
-                node = node.setdefault(k, {})
-            node[keys[-1]] = value
+        set_paths(cfg, changes)
         (self.bundle / "config.json").write_text(json.dumps(cfg))
         return cfg
 

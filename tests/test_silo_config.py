@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import set_paths
 from isobox._sys import linux as L
 from isobox.errors import InvalidDocument
 from isobox.jobs.cgroup import DEFAULT_DEVICE_RULES, DeviceRule
@@ -18,12 +19,7 @@ from isobox.spec.runtime import default_config, parse_config
 def _cfg(**changes: object) -> object:
     data = json.loads(json.dumps(default_config(["sh", "-c", "true"]).model_dump(
         by_alias=True, exclude_none=True)))
-    for path, value in changes.items():
-        node = data
-        keys = path.split("__")
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
+    set_paths(data, changes)
     return parse_config(json.dumps(data))
 
 
