@@ -15,3 +15,21 @@ def root_dir() -> Path:
 
 def run_dir() -> Path:
     return Path(os.environ.get("ISOBOX_RUN") or DEFAULT_RUN)
+
+
+BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
+
+
+def is_static_elf(path: str | Path) -> bool:
+    """A static ELF has no program interpreter: no ``ld-linux`` path in its first page."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return head.startswith(b"\x7fELF") and b"ld-linux" not in head
+
+
+def installed_static_busybox() -> Path | None:
+    """The host's static busybox (Debian's busybox-static), if installed."""
+    return next((Path(p) for p in BUSYBOX_CANDIDATES if is_static_elf(p)), None)

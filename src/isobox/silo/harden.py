@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from isobox._sys import linux as L
 from isobox.errors import InvalidDocument, ToolMissing
+from isobox.paths import installed_static_busybox
 from isobox.silo.config import Process
 from isobox.silo.rootfs import check_cwd_inside
 
@@ -32,21 +33,9 @@ if TYPE_CHECKING:
 
 F_ADD_SEALS = 1033
 F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 1, 2, 4, 8
-_BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
-
-
-def _static(path: str) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4096)
-    except OSError:
-        return False
-    return head.startswith(b"\x7fELF") and b"ld-linux" not in head
-
-
 def sealed_trampoline() -> int:
     """A sealed memfd holding a static busybox; exec'd as ``env`` to start the program."""
-    src = next((p for p in _BUSYBOX_CANDIDATES if _static(p)), None)
+    src = installed_static_busybox()
     if src is None:
         raise ToolMissing("a static busybox is needed to start containers: "
                           "apt-get install busybox-static")

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from isobox.errors import IsoboxError, ToolMissing
+from isobox.paths import installed_static_busybox, is_static_elf
 from isobox.spec.image import ExecConfig
 from isobox.storage.store import ImageRecord, ImageStore
 
@@ -30,16 +31,6 @@ ETC_USERS = (
 ETC_GROUPS = "root:x:0:\nnogroup:x:65534:\n"
 
 
-def _is_static_busybox(path: Path) -> bool:
-    """A static ELF has no program interpreter: look for PT_INTERP's path string."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4096)
-    except OSError:
-        return False
-    return head.startswith(b"\x7fELF") and b"ld-linux" not in head
-
-
 def _busybox_version(binary: Path) -> str:
     out = subprocess.run([str(binary)], capture_output=True, text=True, check=False).stdout
     m = re.search(r"BusyBox v([0-9][^ ]*)", out)
@@ -48,9 +39,9 @@ def _busybox_version(binary: Path) -> str:
 
 def find_static_busybox(workdir: Path) -> Path:
     """Debian's static busybox: installed, or fetched with ``apt-get download``."""
-    for candidate in (Path("/bin/busybox"), Path("/usr/bin/busybox")):
-        if candidate.is_file() and _is_static_busybox(candidate):
-            return candidate
+    installed = installed_static_busybox()
+    if installed is not None:
+        return installed
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         raise ToolMissing("no static busybox here: install Debian's busybox-static")
     proc = subprocess.run(
@@ -62,7 +53,7 @@ def find_static_busybox(workdir: Path) -> Path:
         raise ToolMissing(f"apt-get download busybox-static failed: {proc.stderr.strip()}")
     subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(workdir / "pkg")], check=True)
     binary = workdir / "pkg" / "bin" / "busybox"
-    if not _is_static_busybox(binary):
+    if not is_static_elf(binary):
         raise ToolMissing("the busybox-static package did not contain a static busybox")
     return binary
 
