@@ -292,7 +292,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     status = c.status()
     if str(status) not in ("running",) and not (str(status) == "paused" and args.ignore_paused):
         raise InvalidArgument(f"cannot exec in a {status} container")
-    base = c.base_process() if c.state.process else _silo_config(Path(c.state.bundle)).process
+    base = c.base_process()
     if args.process:
         from isobox.spec.runtime import load_process
 
