@@ -46,7 +46,11 @@ class InvalidReference(InvalidArgument):
 
 
 class InvalidDocument(InvalidArgument):
-    pass
+    """``field``: the JSON path of the first bad field (``process.env[2]``), when known."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class NotFound(IsoboxError):
