@@ -10,6 +10,7 @@ from __future__ import annotations
 
 # benchmark name -> module that implements it, in the order `python -m bench` runs them.
 REGISTRY: dict[str, str] = {
+    "compute_run": "bench.compute_run",
     "image_import": "bench.image_import",
     "runtime_start": "bench.runtime_start",
 }

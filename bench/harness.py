@@ -19,6 +19,16 @@ How `measure()` times things, so that no scenario is flattered:
   times are kept too;
 - a step that exits non-zero marks its scenario "failed" with the command's stderr.
 
+A step is a command (``argv``: a new process, timed from fork to exit) or, for what
+runs inside the benchmark's own warm Python process (an SDK call), a callable
+(``call``): its wall time from call to return is the step's time; an exception it
+raises marks the scenario "failed" with the exception's text. ``timeout`` applies to
+commands only: a call has to bound its own wait.
+
+A scenario whose preconditions were checked by the benchmark itself (a peer daemon that
+did not start) can be handed to `measure()` with ``unavailable`` set: it is reported
+"not available" with that reason, like a missing tool.
+
 Statistics: min, median, p95 by nearest rank (the ceil(0.95 * n)-th smallest), and the
 ratio of each scenario's median to the baseline scenario's median (> 1: slower than the
 baseline).
@@ -78,12 +88,17 @@ class Config:
 
 @dataclass(frozen=True)
 class Step:
-    """One timed command of a run."""
+    """One timed command of a run, or one timed in-process call (``argv`` left empty)."""
 
     label: str
-    argv: Sequence[str | Path]
+    argv: Sequence[str | Path] = ()
     env: Mapping[str, str] = field(default_factory=dict)  # added to the environment
-    timeout: float = 900.0
+    timeout: float = 900.0  # commands only
+    call: Callable[[], object] | None = None  # timed in this process instead of a command
+
+    def __post_init__(self) -> None:
+        if (self.call is None) == (not self.argv):
+            raise ValueError(f"step {self.label!r}: give either argv or call, not both/none")
 
 
 @dataclass
@@ -98,6 +113,7 @@ class Scenario:
     baseline: bool = False  # the one the ratios are computed against
     prepare: Callable[[Path], None] | None = None  # untimed, before each run
     output: Callable[[Path], Path] | None = None  # what a run produced: sized once
+    unavailable: str | None = None  # set: reported "not available" with this reason
 
 
 @dataclass(frozen=True)
@@ -294,6 +310,8 @@ class StepFailed(Exception):
 
 def _unavailable(s: Scenario) -> str | None:
     """Why a scenario cannot run here, or None."""
+    if s.unavailable is not None:
+        return s.unavailable
     for exe in s.requires:
         p = Path(exe)
         found = (
@@ -389,6 +407,15 @@ def _run_once(
         os.sync()
         per_step: dict[str, float] = {}
         for step in steps:
+            if step.call is not None:
+                t0 = time.perf_counter()
+                try:
+                    step.call()
+                except Exception as exc:
+                    raise StepFailed(f"{step.label}: {type(exc).__name__}: {exc}") from exc
+                elapsed = time.perf_counter() - t0
+                per_step[step.label] = per_step.get(step.label, 0.0) + elapsed
+                continue
             argv = [str(a) for a in step.argv]
             env = {**os.environ, **step.env}
             t0 = time.perf_counter()
