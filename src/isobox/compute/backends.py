@@ -1,0 +1,365 @@
+"""What a monitor drives: a container's first process and its execs, per isolation.
+
+:class:`ProcessBackend` makes a silo (``isobox.silo``): ``Container.create`` brings the init
+up to the exec fifo, ``start`` lets it exec the program; execs join it with ``exec_in``.
+:class:`HostBackend` makes a Job (``isobox.jobs``) at create and spawns the program in the
+host's namespaces at start, inside the job from its first instruction.
+
+Both hand the process the descriptors the monitor gives them (:class:`ChildIO`): the silo
+init and ``exec_in``'s intermediate take stdio from their caller, so the monitor's own 0/1/2
+are pointed at them for the call (:func:`_as_stdio`; the monitor is single-threaded, so
+nothing else writes there meanwhile). With a terminal the pty's master is returned: the silo
+makes its pty in the container's devpts and sends the master over a console socket; a host
+process gets one of the host's ptys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from isobox.compute.plan import Identity, Plan, _layer_file, merge_env, resolve_user
+from isobox.errors import Conflict, InvalidArgument, NotFound
+
+if TYPE_CHECKING:
+    import subprocess
+
+    from isobox.jobs.cgroup import Cgroup
+    from isobox.jobs.job import Job
+    from isobox.silo.container import Container
+
+
+@dataclass
+class ChildIO:
+    """The child's ends of its stdio (None: /dev/null); ignored with ``tty``."""
+
+    stdin: int | None = None
+    stdout: int | None = None
+    stderr: int | None = None
+    tty: bool = False
+
+
+class Backend(Protocol):
+    pid: int
+
+    def create(self, io: ChildIO) -> int | None: ...  # the pty master with a tty
+    def start(self) -> int: ...
+    def signal(self, sig: int, all_processes: bool) -> None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def cgroup(self) -> Cgroup: ...
+    def pids(self) -> list[int]: ...
+    def exec(self, spec: dict[str, Any], io: ChildIO) -> tuple[int, int | None]: ...
+    def total_processes(self) -> int | None: ...
+    def release(self) -> None: ...
+
+
+def make_backend(plan: Plan) -> Backend:
+    if plan.isolation == "process":
+        return ProcessBackend(plan)
+    if plan.isolation == "host":
+        return HostBackend(plan)
+    raise InvalidArgument(f"the monitor cannot run isolation {plan.isolation!r}")
+
+
+@contextlib.contextmanager
+def _as_stdio(io: ChildIO) -> Iterator[None]:
+    """Point this process's 0/1/2 at ``io`` for the duration (restored after)."""
+    saved = [os.dup(fd) for fd in (0, 1, 2)]
+    null = -1
+    try:
+        for target, given in zip((0, 1, 2), (io.stdin, io.stdout, io.stderr), strict=True):
+            if given is None and null < 0:
+                null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            os.dup2(null if given is None else given, target)
+        yield
+    finally:
+        for target, fd in zip((0, 1, 2), saved, strict=True):
+            os.dup2(fd, target)
+            os.close(fd)
+        if null >= 0:
+            os.close(null)
+
+
+def _check_dir(root: str, cwd: str) -> None:
+    """The working directory must be a directory inside ``root``; a missing one is made
+    (as runc and docker do), never through a symlink that leaves the root."""
+    real_root = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(real_root, cwd.lstrip("/")))
+    if path != real_root and not path.startswith(real_root + "/"):
+        raise InvalidArgument(f"working directory {cwd!r} leaves the container's root")
+    if os.path.isdir(path):
+        return
+    if os.path.lexists(path):
+        raise InvalidArgument(f"working directory {cwd!r} is not a directory")
+    try:
+        os.makedirs(path, mode=0o755)
+    except OSError as exc:
+        raise InvalidArgument(f"working directory {cwd!r} cannot be made: "
+                              f"{exc.strerror}") from exc
+
+
+# ---- process isolation ---------------------------------------------------------------------
+
+
+class ProcessBackend:
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.state_root = Path(plan.run_dir) / "silo"
+        self.container: Container | None = None
+        self.pid = 0
+
+    def create(self, io: ChildIO) -> int | None:
+        from isobox.silo.config import from_oci
+        from isobox.silo.container import Container
+        from isobox.spec.runtime import parse_config
+
+        plan = self.plan
+        cfg = from_oci(parse_config(json.dumps(plan.oci), "plan.oci"),
+                       Path(plan.container_dir))
+        _check_dir(cfg.root, cfg.process.cwd)
+        with contextlib.suppress(NotFound):  # a monitor killed -9 left its silo's state
+            Container.load(self.state_root, plan.id).delete(force=True)
+        listener: socket.socket | None = None
+        console = Path(plan.run_dir) / "console.sock"
+        try:
+            if io.tty:
+                console.unlink(missing_ok=True)
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                listener.bind(str(console))
+                listener.listen(1)
+            with _as_stdio(io):
+                self.container = Container.create(
+                    self.state_root, plan.id, Path(plan.container_dir), cfg,
+                    console_socket=str(console) if io.tty else None)
+            self.pid = self.container.state.pid
+            if listener is None:
+                return None
+            # The init connected and sent the master during create: it is queued here.
+            listener.settimeout(10)
+            conn, _ = listener.accept()
+            with conn:
+                _, fds, _, _ = socket.recv_fds(conn, 64, 1)
+            if not fds:
+                raise Conflict("the container's init sent no terminal")
+            os.set_blocking(fds[0], False)
+            return fds[0]
+        finally:
+            if listener is not None:
+                listener.close()
+                console.unlink(missing_ok=True)
+
+    def _c(self) -> Container:
+        if self.container is None:
+            raise Conflict(f"container {self.plan.id} is not created")
+        return self.container
+
+    def start(self) -> int:
+        self._c().start()
+        return self.pid
+
+    def signal(self, sig: int, all_processes: bool) -> None:
+        self._c().kill(sig, all_processes=all_processes)
+
+    def pause(self) -> None:
+        self._c().pause()
+
+    def resume(self) -> None:
+        self._c().resume()
+
+    def cgroup(self) -> Cgroup:
+        return self._c().cgroup
+
+    def pids(self) -> list[int]:
+        return self._c().pids()
+
+    def total_processes(self) -> int | None:
+        return None
+
+    def exec(self, spec: dict[str, Any], io: ChildIO) -> tuple[int, int | None]:
+        from isobox.silo.execin import exec_in
+
+        c = self._c()
+        base = c.base_process()
+        proc = dataclasses.replace(
+            base, args=list(spec["args"]), env=merge_env(base.env, list(spec.get("env") or [])),
+            cwd=spec.get("cwd") or base.cwd, terminal=bool(spec.get("tty")))
+        if spec.get("user"):
+            layers = [Path(self.plan.rootfs)]
+            ident = resolve_user(spec["user"], _layer_file(layers, "etc/passwd"),
+                                 _layer_file(layers, "etc/group"))
+            proc = dataclasses.replace(proc, uid=ident.uid, gid=ident.gid,
+                                       additional_gids=ident.additional_gids)
+        ours: socket.socket | None = None
+        theirs: socket.socket | None = None
+        if proc.terminal:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with _as_stdio(io):
+                pid = exec_in(c.state.pid, c.cgroup, proc, detach=True,
+                              console_socket=theirs, user_ns=c.state.user_ns)
+            if ours is None:
+                return pid, None
+            assert theirs is not None
+            theirs.close()
+            ours.settimeout(10)
+            _, fds, _, _ = socket.recv_fds(ours, 64, 1)
+            if not fds:
+                raise Conflict("exec: the container sent no terminal")
+            os.set_blocking(fds[0], False)
+            return pid, fds[0]
+        finally:
+            for s in (ours, theirs):
+                if s is not None:
+                    s.close()
+
+    def release(self) -> None:
+        if self.container is not None:
+            self.container.delete(force=True)
+            self.container = None
+
+
+# ---- host isolation ------------------------------------------------------------------------
+
+# A session of its own with the pty as controlling terminal, then the program (Popen cannot
+# make a controlling terminal without a preexec hook, which is unsafe with the job's thread).
+_CTTY = ("import os,sys,fcntl,termios\n"
+         "os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0)\n"
+         "os.execvp(sys.argv[1], sys.argv[1:])\n")
+
+
+def _which(argv0: str, env: list[str], cwd: str) -> None:
+    if "/" in argv0:
+        path = argv0 if argv0.startswith("/") else os.path.join(cwd, argv0)
+        if not os.access(path, os.X_OK) or os.path.isdir(path):
+            raise NotFound(f"executable {argv0!r} not found")
+        return
+    search = next((e[5:] for e in env if e.startswith("PATH=")), os.defpath)
+    if shutil.which(argv0, path=search) is None:
+        raise NotFound(f"executable {argv0!r} not found in the image's or the host's PATH")
+
+
+class HostBackend:
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.job: Job | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.io = ChildIO()
+        self._slave = -1
+        self.pid = 0
+
+    def _j(self) -> Job:
+        if self.job is None:
+            raise Conflict(f"container {self.plan.id} is not created")
+        return self.job
+
+    def create(self, io: ChildIO) -> int | None:
+        from isobox.jobs.job import Job
+        from isobox.jobs.limits import Limits
+
+        h = self.plan.host
+        _check_dir(self.plan.rootfs, h["cwd"][len(self.plan.rootfs):] or "/")
+        _which(h["args"][0], h["env"], h["cwd"])
+        self.job = Job(self.plan.id, limits=Limits(**self.plan.limits), kill_on_close=True)
+        self.io = io
+        if not io.tty:
+            return None
+        master, self._slave = os.openpty()
+        os.set_blocking(master, False)
+        return master
+
+    def _spawn(self, argv: list[str], env: list[str], cwd: str, ident: Identity, *,
+               io: ChildIO, slave: int) -> subprocess.Popen[bytes]:
+        import subprocess
+
+        if io.tty:
+            argv = [sys.executable, "-I", "-S", "-c", _CTTY, *argv]
+            fds: list[int | None] = [slave, slave, slave]
+        else:
+            fds = [io.stdin, io.stdout, io.stderr]
+        std = [subprocess.DEVNULL if fd is None else fd for fd in fds]
+        return self._j().spawn(
+            argv, stdin=std[0], stdout=std[1], stderr=std[2],
+            env=dict(e.split("=", 1) for e in env), cwd=cwd, user=ident.uid,
+            group=ident.gid, extra_groups=ident.additional_gids,
+            start_new_session=not io.tty, close_fds=True)
+
+    def _identity(self) -> Identity:
+        h = self.plan.host
+        return Identity(int(h["uid"]), int(h["gid"]), list(h.get("additionalGids") or []), "/")
+
+    def start(self) -> int:
+        h = self.plan.host
+        try:
+            self.proc = self._spawn(list(h["args"]), list(h["env"]), h["cwd"],
+                                    self._identity(), io=self.io, slave=self._slave)
+        finally:
+            if self._slave >= 0:
+                os.close(self._slave)
+                self._slave = -1
+        self.pid = self.proc.pid
+        return self.pid
+
+    def signal(self, sig: int, all_processes: bool) -> None:
+        targets = self._j().pids() if all_processes else [self.pid] if self.pid else []
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def pause(self) -> None:
+        self._j().freeze()
+
+    def resume(self) -> None:
+        self._j().thaw()
+
+    def cgroup(self) -> Cgroup:
+        return self._j().cgroup
+
+    def pids(self) -> list[int]:
+        return self._j().pids()
+
+    def total_processes(self) -> int | None:
+        return self._j().accounting().total_processes
+
+    def exec(self, spec: dict[str, Any], io: ChildIO) -> tuple[int, int | None]:
+        from isobox.compute.plan import _host_identity
+
+        h = self.plan.host
+        env = merge_env(list(h["env"]), list(spec.get("env") or []))
+        cwd = self.plan.rootfs + spec["cwd"] if spec.get("cwd") else h["cwd"]
+        ident = _host_identity(spec["user"]) if spec.get("user") else self._identity()
+        _which(spec["args"][0], env, cwd)
+        master, slave = (os.openpty() if io.tty else (-1, -1))
+        try:
+            proc = self._spawn(list(spec["args"]), env, cwd, ident, io=io, slave=slave)
+        except BaseException:
+            if master >= 0:
+                os.close(master)
+            raise
+        finally:
+            if slave >= 0:
+                os.close(slave)
+        if master >= 0:
+            os.set_blocking(master, False)
+        return proc.pid, (master if master >= 0 else None)
+
+    def release(self) -> None:
+        if self._slave >= 0:
+            os.close(self._slave)
+            self._slave = -1
+        if self.job is not None:
+            with contextlib.suppress(ProcessLookupError):
+                if self.pid:
+                    os.kill(self.pid, signal.SIGKILL)
+            self.job.close()
+            self.job = None
