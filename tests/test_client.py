@@ -1,0 +1,307 @@
+"""The SDK (isobox.client).
+
+Unit tests run the transport against a tiny HTTP server on a unix socket in this process
+(what a daemon sends, byte for byte: errors, chunked JSON lines, a 101 followed at once by
+frames). Their integration twins, against a real ``isoboxd``, are at the end of this file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socketserver
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from isobox.client import Client, ContainerError, DaemonUnavailable
+from isobox.client.api import build_document, parse_size
+from isobox.client.stream import StreamEnded, pump
+from isobox.errors import ImageNotFound, InvalidDocument, IsoboxError, NotFound
+from isobox.spec import stream as frames
+from isobox.spec.compute import parse_document
+
+# ---- a fake daemon ---------------------------------------------------------------------------
+
+Handler = Callable[["_Req"], None]
+
+
+class _Req(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    routes: ClassVar[dict[tuple[str, str], Handler]] = {}
+    seen: ClassVar[list[tuple[str, str, bytes]]] = []
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def body(self) -> bytes:
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def _dispatch(self) -> None:
+        path = self.path.split("?")[0]
+        data = self.body()
+        self.seen.append((self.command, self.path, data))
+        self.data = data
+        handler = self.routes.get((self.command, path))
+        if handler is None:
+            self.send_json(404, {"error": {"kind": "NotFound", "message": f"no route {path}"}})
+        else:
+            handler(self)
+
+    do_GET = do_POST = do_DELETE = do_PUT = _dispatch
+
+    def send_json(self, status: int, obj: Any) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def upgrade(self, payload: bytes) -> None:
+        """101 and the first frames in one write, as a fast daemon does."""
+        head = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                b"Upgrade: isobox-stream/1\r\n\r\n")
+        self.wfile.write(head + payload)
+        self.wfile.flush()
+        self.close_connection = True
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[tuple[Client, dict[tuple[str, str], Handler],
+                                           list[tuple[str, str, bytes]]]]:
+    sock = tmp_path / "d.sock"
+    routes: ClassVar[dict[tuple[str, str], Handler]] = {}
+    seen: ClassVar[list[tuple[str, str, bytes]]] = []
+    handler = type("H", (_Req,), {"routes": routes, "seen": seen})
+    server = _Server(str(sock), handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield Client(sock), routes, seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+INFO = {"id": "a" * 64, "name": "c1", "image": "busybox", "imageId": "sha256:" + "b" * 64,
+        "isolation": "process", "state": "created", "pid": 0, "exitCode": None, "error": None,
+        "createdAt": "2026-01-01T00:00:00Z", "startedAt": None, "finishedAt": None,
+        "labels": {}, "document": {}, "rootfs": "", "scratch": ""}
+
+
+def _container_routes(routes: dict[tuple[str, str], Handler], stream: bytes) -> None:
+    routes[("POST", "/v1/compute-systems")] = lambda r: r.send_json(
+        201, {"id": INFO["id"], "name": "c1", "warnings": []})
+    routes[("GET", f"/v1/compute-systems/{INFO['id']}")] = lambda r: r.send_json(200, INFO)
+    routes[("POST", f"/v1/compute-systems/{INFO['id']}/start")] = lambda r: r.upgrade(stream)
+
+
+def _exit(code: int) -> bytes:
+    return frames.encode_control({"exit": {"exitCode": code, "signal": None}})
+
+
+# ---- unit tests ------------------------------------------------------------------------------
+
+
+def test_errors_come_back_as_the_class_the_daemon_names(fake: Any) -> None:
+    client, routes, _ = fake
+    routes[("GET", "/v1/images/nope%3A1")] = lambda r: r.send_json(
+        404, {"error": {"kind": "ImageNotFound", "message": "no such image: nope:1"}})
+    with pytest.raises(ImageNotFound, match=r"^no such image: nope:1$"):
+        client.images.get("nope:1")
+    routes[("POST", "/v1/compute-systems")] = lambda r: r.send_json(400, {"error": {
+        "kind": "InvalidDocument", "message": "compute system: process.env[0]: bad",
+        "field": "process.env[0]"}})
+    with pytest.raises(InvalidDocument) as info:
+        client.containers.create("busybox", environment=["X=1"])
+    assert info.value.field == "process.env[0]" and info.value.exit_code == 2
+    routes[("GET", "/v1/info")] = lambda r: r.send_json(
+        500, {"error": {"kind": "NoSuchClassAnywhere", "message": "boom"}})
+    with pytest.raises(IsoboxError, match=r"^boom$") as err:
+        client.info()
+    assert type(err.value) is IsoboxError
+
+
+def test_references_are_one_path_segment_and_queries_repeat(fake: Any) -> None:
+    client, routes, seen = fake
+    routes[("DELETE", "/v1/images/reg.io%2Fa%2Fb%3A1")] = lambda r: r.send_json(
+        200, {"untagged": ["reg.io/a/b:1"], "deleted": []})
+    assert client.images.remove("reg.io/a/b:1", force=True)["untagged"] == ["reg.io/a/b:1"]
+    assert seen[-1][1] == "/v1/images/reg.io%2Fa%2Fb%3A1?force=1"
+    routes[("GET", "/v1/compute-systems")] = lambda r: r.send_json(200, [INFO])
+    cts = client.containers.list(all=True, filters={"label": ["a=1", "b"], "isolation": "host"})
+    assert [c.name for c in cts] == ["c1"]
+    assert seen[-1][1] == "/v1/compute-systems?label=a%3D1&label=b&isolation=host"
+    # Without all=True a created container is not listed (ps shows running ones).
+    assert client.containers.list() == []
+
+
+def test_chunked_json_lines_arrive_as_they_are_sent(fake: Any) -> None:
+    client, routes, _ = fake
+    release = threading.Event()
+
+    def logs(r: _Req) -> None:
+        r.send_response(200)
+        r.send_header("Transfer-Encoding", "chunked")
+        r.end_headers()
+        for i, gate in ((0, None), (1, release)):
+            if gate is not None:
+                assert gate.wait(10)
+            line = json.dumps({"time": "t", "stream": "stdout", "line": f"l{i}\n"}).encode()
+            r.wfile.write(b"%x\r\n%s\n\r\n" % (len(line) + 1, line))
+            r.wfile.flush()
+        r.wfile.write(b"0\r\n\r\n")
+
+    routes[("GET", f"/v1/compute-systems/{INFO['id']}")] = lambda r: r.send_json(200, INFO)
+    routes[("GET", f"/v1/compute-systems/{INFO['id']}/logs")] = logs
+    entries = client.containers.get(INFO["id"]).logs(stream=True, follow=True)
+    first = next(entries)  # must not wait for the end of the stream
+    assert first["line"] == "l0\n"
+    release.set()
+    assert [e["line"] for e in entries] == ["l1\n"]
+    assert client.containers.get(INFO["id"]).logs(tail=5) == b"l0\nl1\n"
+
+
+def test_run_reads_frames_sent_with_the_101(fake: Any) -> None:
+    client, routes, seen = fake
+    _container_routes(routes, frames.encode(frames.STDOUT, b"hi\n")
+                      + frames.encode(frames.STDERR, b"warn\n") + _exit(0))
+    assert client.containers.run("busybox", ["echo", "hi"], isolation="host") == b"hi\n"
+    method, path, _ = seen[-1]
+    assert (method, path) == ("POST", f"/v1/compute-systems/{INFO['id']}/start?attach=1")
+    create_doc = json.loads(seen[0][2])
+    assert create_doc["process"]["args"] == ["echo", "hi"]
+    assert create_doc["isolation"] == "host"
+
+
+def test_run_raises_container_error_with_stderr(fake: Any) -> None:
+    client, routes, _ = fake
+    _container_routes(routes, frames.encode(frames.STDERR, b"oops\n") + _exit(7))
+    with pytest.raises(ContainerError) as info:
+        client.containers.run("busybox", "sh -c 'exit 7'")
+    assert info.value.exit_status == 7 and info.value.stderr == b"oops\n"
+    assert info.value.command == ["sh", "-c", "exit 7"]
+
+
+def test_a_stream_that_ends_without_exit_is_an_error(fake: Any) -> None:
+    client, routes, _ = fake
+    _container_routes(routes, frames.encode(frames.STDOUT, b"partial"))
+    routes[("DELETE", f"/v1/compute-systems/{INFO['id']}")] = lambda r: r.send_json(204, None)
+    with pytest.raises(StreamEnded):
+        client.containers.run("busybox", ["true"])
+
+
+def test_an_error_frame_is_raised_as_its_class(fake: Any) -> None:
+    client, routes, _ = fake
+    _container_routes(routes, frames.encode_control(
+        {"error": {"kind": "NotFound", "message": "gone"}}))
+    routes[("DELETE", f"/v1/compute-systems/{INFO['id']}")] = lambda r: r.send_json(204, None)
+    with pytest.raises(NotFound, match="gone"):
+        client.containers.run("busybox", ["true"])
+
+
+def test_pump_sends_stdin_and_returns_the_exit_code(fake: Any) -> None:
+    client, routes, _ = fake
+
+    def echo(r: _Req) -> None:
+        r.upgrade(b"")
+        reader = frames.FrameReader()
+        got = b""
+        while True:
+            data = r.connection.recv(65536)
+            assert data, "client closed before closeStdin"
+            for kind, payload in reader.feed(data):
+                if kind == frames.STDIN:
+                    got += payload
+                    r.connection.sendall(frames.encode(frames.STDOUT, payload))
+                elif frames.decode_control(payload).get("closeStdin"):
+                    r.connection.sendall(frames.encode(frames.STDERR, b"%d" % len(got))
+                                         + _exit(3))
+                    return
+
+    routes[("GET", f"/v1/compute-systems/{INFO['id']}")] = lambda r: r.send_json(200, INFO)
+    routes[("POST", f"/v1/compute-systems/{INFO['id']}/exec")] = echo
+    raw = client.containers.get(INFO["id"]).exec_stream(["cat"], stdin=True)
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    data = os.urandom(300_000)  # more than a pipe holds: stdin and output interleave
+
+    def feed() -> None:
+        os.write(in_w, data)
+        os.close(in_w)
+
+    collected: list[bytes] = []
+
+    def drain() -> None:
+        while chunk := os.read(out_r, 65536):
+            collected.append(chunk)
+
+    threads = [threading.Thread(target=feed), threading.Thread(target=drain)]
+    for t in threads:
+        t.start()
+    code = pump(raw, stdin=in_r, stdout=out_w, stderr=err_w)
+    os.close(out_w)
+    os.close(err_w)
+    for t in threads:
+        t.join(10)
+    assert code == 3
+    assert b"".join(collected) == data
+    assert os.read(err_r, 100) == str(len(data)).encode()
+    for fd in (in_r, out_r, err_r):
+        os.close(fd)
+
+
+def test_no_daemon_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DaemonUnavailable, match="cannot connect to isoboxd"):
+        Client(tmp_path / "absent.sock").ping()
+
+
+def test_the_document_the_sdk_builds_is_valid(tmp_path: Path) -> None:
+    doc = build_document(
+        "busybox", "sh -c 'echo $X'", name="web-1", isolation="host", entrypoint=[],
+        environment={"X": "1"}, working_dir="/tmp", user="1000:1000", tty=True,
+        stdin_open=True, hostname="box", network_mode="none",
+        mounts=[f"{tmp_path}:/data:ro"], volumes={str(tmp_path): {"bind": "/v", "mode": "rw"}},
+        labels=["team=a", "x"], mem_limit="64m", cpus=0.5, cpu_shares=512, pids_limit=20,
+        read_only=True, auto_remove=True,
+    )
+    parsed = parse_document(doc)
+    assert parsed.process.args == ["sh", "-c", "echo $X"] and parsed.process.entrypoint == []
+    assert parsed.mounts[0].read_only and not parsed.mounts[1].read_only
+    assert parsed.resources.memory == 64 << 20 and parsed.resources.pids_limit == 20
+    assert parsed.labels == {"team": "a", "x": ""} and parsed.auto_remove and parsed.read_only
+    assert parse_size("1g") == 1 << 30 and parse_size("512k") == 512 << 10
+    assert parse_size(4096) == 4096 and parse_size("10MiB") == 10 << 20
+
+
+def test_client_imports_no_pydantic_and_no_engine_code() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, isobox.client, isobox.client.stream, isobox.client.daemon\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('isobox', 'pydantic'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    loaded = set(eval(out))  # noqa: S307 - our own subprocess's repr of a list
+    allowed = {"isobox", "isobox.errors", "isobox.paths", "isobox.spec", "isobox.spec.wire",
+               "isobox.spec.stream"}
+    assert {m for m in loaded if not m.startswith("isobox.client")} <= allowed, loaded
+
+
+def _wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
