@@ -21,10 +21,12 @@ import contextlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -329,6 +331,34 @@ class Daemon:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def short_run_dir() -> Iterator[Path]:
+    """A short ``ISOBOX_RUN`` under /tmp: socket paths must fit in sun_path (108 bytes), and
+    ``$ISOBOX_RUN/containers/<64 hex>/monitor.sock`` under pytest's tmp_path does not."""
+    run = Path(tempfile.mkdtemp(prefix="ibd", dir="/tmp"))
+    try:
+        yield run
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (the daemon's zygote, for one)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 # --- leftovers ------------------------------------------------------------------------

@@ -9,12 +9,12 @@ duplicate descriptor). The integration half (below, ``test_daemon_*``) runs a re
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
 import socket
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +23,17 @@ from typing import Any, BinaryIO
 
 import pytest
 
-from daemonkit import Client, Daemon, assert_nothing_left, quote_ref, read_stream
+from daemonkit import (
+    Client,
+    Daemon,
+    alive,
+    assert_nothing_left,
+    children,
+    leftovers,
+    quote_ref,
+    read_stream,
+    short_run_dir,
+)
 from isobox.api.handlers import build_router
 from isobox.api.openapi import build_document
 from isobox.api.server import ApiServer, serve_in_thread
@@ -466,5 +476,166 @@ def test_http10_and_garbage_requests(fake: Any) -> None:
     assert c.get("/v1/_ping").body == b"OK"
 
 
-_ = http.client  # the kit's client is http.client over AF_UNIX
-_unused = (Daemon, assert_nothing_left)
+# --- integration: a real isoboxd, the real service, busybox ---------------------------
+
+
+def e2e(f: Any) -> Any:
+    """Real containers: root, overlay mounts and cgroup v1 (this host's)."""
+    return pytest.mark.root(pytest.mark.overlay(pytest.mark.cgroup1(f)))
+
+
+@pytest.fixture
+def daemon(isobox_env: Path) -> Iterator[Daemon]:
+    """A real isoboxd on the test's root and a short run folder, with busybox imported
+    through the API; at the end every container is removed through the API, the daemon is
+    stopped (it must exit 0) and nothing may be left of any container it made."""
+    with short_run_dir() as run:
+        d = Daemon.start(isobox_env, run)
+        try:
+            r = d.request("POST", "/v1/images/bootstrap", json={"kind": "busybox"})
+            assert r.status == 201, r.text
+            yield d
+        finally:
+            ids: list[str] = []
+            try:
+                with d.client.lines("/v1/events", {"follow": 0,
+                                                   "filter": "action=create"}) as events:
+                    ids = [e["id"] for e in events]
+                for info in d.request("GET", "/v1/compute-systems").json():
+                    d.request("DELETE", f"/v1/compute-systems/{info['id']}", query={"force": 1})
+            finally:
+                code = d.stop()
+            assert code == 0, d.log()
+            assert_nothing_left(isobox_env, run, ids)
+
+
+def sh(script: str, **kw: Any) -> dict[str, Any]:
+    return {"schemaVersion": "1.0", "image": "busybox:latest",
+            "process": {"args": ["sh", "-c", script]}, **kw}
+
+
+def _container_dirs(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "containers").iterdir())
+
+
+@e2e
+def test_daemon_create_start_wait_logs_inspect_ls_rm(daemon: Daemon, isobox_env: Path) -> None:
+    d = daemon
+    assert [i["tags"] for i in d.request("GET", "/v1/images").json()] == [["busybox:latest"]]
+    r = d.request("POST", "/v1/compute-systems", json=sh(
+        "echo out; echo err >&2; exit 3", name="api1", labels={"t": "x"}))
+    assert r.status == 201, r.text
+    cid = r.json()["id"]
+    ls = d.request("GET", "/v1/compute-systems", query={"label": "t=x"}).json()
+    assert [(c["id"], c["state"]) for c in ls] == [(cid, "created")]
+    assert d.request("POST", "/v1/compute-systems/api1/start").status == 204
+    r = d.request("POST", "/v1/compute-systems/api1/wait", query={"timeout": 30})
+    assert r.json() == {"exitCode": 3, "signal": None, "error": None}, r.text
+    info = d.request("GET", f"/v1/compute-systems/{cid[:12]}").json()
+    assert info["state"] == "stopped" and info["exitCode"] == 3 and info["name"] == "api1"
+    with d.client.lines("/v1/compute-systems/api1/logs") as entries:
+        assert [(e["stream"], e["line"]) for e in entries] == [
+            ("stdout", "out\n"), ("stderr", "err\n")]
+    with d.client.lines("/v1/compute-systems/api1/logs", {"stderr": 0}) as entries:
+        assert [e["line"] for e in entries] == ["out\n"]
+    assert d.request("GET", "/v1/compute-systems", query={"state": "running"}).json() == []
+    assert d.request("DELETE", "/v1/compute-systems/api1").status == 204
+    r = d.request("GET", f"/v1/compute-systems/{cid}")
+    assert r.status == 404 and r.error["kind"] == "NotFound"
+    assert_nothing_left(isobox_env, d.run, [cid])
+
+
+@e2e
+def test_daemon_refused_creates_leave_nothing(daemon: Daemon, isobox_env: Path) -> None:
+    d = daemon
+    first = d.request("POST", "/v1/compute-systems", json=sh("true", name="taken"))
+    assert first.status == 201
+    before = _container_dirs(isobox_env)
+    for doc, status, kind in (
+        (sh("true", name="x1", process={"args": ["true"], "env": ["BAD"]}), 400,
+         "InvalidDocument"),
+        ({**sh("true"), "isolaton": "host"}, 400, "InvalidDocument"),
+        (sh("true", name="x2", image="nosuch:latest"), 404, "ImageNotFound"),
+        (sh("true", name="taken"), 409, "Conflict"),
+    ):
+        r = d.request("POST", "/v1/compute-systems", json=doc)
+        assert (r.status, r.error["kind"]) == (status, kind), r.text
+    r = d.request("POST", "/v1/compute-systems", json={**sh("true"), "isolaton": "host"})
+    assert r.error["field"] == "isolaton"
+    names = [c["name"] for c in d.request("GET", "/v1/compute-systems").json()]
+    assert names == ["taken"]
+    assert _container_dirs(isobox_env) == before == [first.json()["id"]]
+    # A start in the wrong state is a 409 that names the state; an unknown ref a 404.
+    assert d.request("POST", "/v1/compute-systems/taken/pause").status == 409
+    assert d.request("POST", "/v1/compute-systems/nosuch/start").status == 404
+
+
+@e2e
+def test_daemon_streamed_exec_and_attached_start(daemon: Daemon) -> None:
+    d = daemon
+    assert d.request("POST", "/v1/compute-systems", json=sh("sleep 1000", name="ex")).status \
+        == 201
+    assert d.request("POST", "/v1/compute-systems/ex/start").status == 204
+    status, head, sock = d.client.upgrade("/v1/compute-systems/ex/exec", json={
+        "args": ["sh", "-c", "read l; echo got:$l; echo oops >&2; exit 4"], "stdin": True})
+    with sock:
+        assert status == 101, head
+        result = read_stream(sock, stdin=b"hello\n", timeout=30)
+    assert result.stdout == b"got:hello\n" and result.stderr == b"oops\n"
+    assert result.exit is not None and result.exit["exitCode"] == 4
+    # The leftover check of the kit sees a running container from every side.
+    cid = d.request("GET", "/v1/compute-systems/ex").json()["id"]
+    left = leftovers(d.root, d.run, [cid])
+    for what in ("mount ", "cgroup ", "pid ", "files "):
+        assert any(x.startswith(what) for x in left), (what, left)
+    top = d.request("GET", "/v1/compute-systems/ex/top").json()
+    assert any("sleep" in p["command"] for p in top["processes"])
+    assert "cpuUsageNs" in d.request("GET", "/v1/compute-systems/ex/stats").json()
+    assert d.request("POST", "/v1/compute-systems/ex/kill", json={"signal": "SIGKILL"}
+                     ).status == 204
+    assert d.request("POST", "/v1/compute-systems/ex/wait", query={"timeout": 30}).status == 200
+
+    # start?attach=1: the output from the very first byte, stdin from us.
+    doc = sh("read l; echo hi:$l", name="att")
+    doc["process"]["stdin"] = True
+    assert d.request("POST", "/v1/compute-systems", json=doc).status == 201
+    status, head, sock = d.client.upgrade("/v1/compute-systems/att/start",
+                                          query={"attach": 1, "stdin": 1})
+    with sock:
+        assert status == 101, head
+        result = read_stream(sock, stdin=b"there\n", timeout=30)
+    assert result.stdout == b"hi:there\n" and result.exit is not None
+    assert result.exit["exitCode"] == 0
+    # Exec in a stopped container: refused before the 101, as a plain 409.
+    assert d.request("POST", "/v1/compute-systems/att/wait", query={"timeout": 30}).json()[
+        "exitCode"] == 0
+    status, head, sock = d.client.upgrade("/v1/compute-systems/att/exec", json={"args": ["true"]})
+    sock.close()
+    assert status == 409, head
+
+
+@e2e
+def test_daemon_lock_sigterm_and_kill9_leave_containers_to_their_monitors(
+        daemon: Daemon, isobox_env: Path) -> None:
+    d = daemon
+    # A second daemon on the same run folder refuses to start.
+    second = subprocess.run(d.argv, capture_output=True, text=True, timeout=60, check=False)
+    assert second.returncode == 1 and "another isoboxd" in second.stderr
+    assert d.client.get("/v1/_ping").body == b"OK"
+
+    assert d.request("POST", "/v1/compute-systems", json=sh("sleep 1000", name="bg")).status \
+        == 201
+    assert d.request("POST", "/v1/compute-systems/bg/start").status == 204
+    zygotes = children(d.pid)
+    assert d.stop() == 0, d.log()
+    assert not d.socket_path.exists()
+    assert not [z for z in zygotes if alive(z)], "the daemon's children outlived it"
+
+    d.launch()  # the container kept running without a daemon
+    assert d.request("GET", "/v1/compute-systems/bg").json()["state"] == "running"
+    d.kill9()  # a crash this time
+    d.launch()  # the stale socket is replaced
+    assert d.request("GET", "/v1/compute-systems/bg").json()["state"] == "running"
+    r = d.request("POST", "/v1/compute-systems/bg/stop", json={"timeout": 1})
+    assert r.status == 204, r.text
+    assert d.request("GET", "/v1/compute-systems/bg").json()["state"] == "stopped"
