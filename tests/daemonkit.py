@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from isobox.api.server import short_socket_path
 from isobox.spec import stream as frames
 
 STREAM_PROTOCOL = "isobox-stream/1"
@@ -50,10 +51,20 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.socket_path = str(path)
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.socket_path)
-        self.sock = sock
+        self.sock = connect_unix(self.socket_path, self.timeout)
+
+
+def connect_unix(path: str | Path, timeout: float | None) -> socket.socket:
+    """A connected unix socket; a path longer than sun_path goes through /proc/self/fd."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        with short_socket_path(Path(path)) as name:
+            sock.connect(name)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 @dataclass
@@ -156,9 +167,7 @@ class Client:
     ) -> tuple[int, bytes, socket.socket]:
         """A stream request: POST with ``Upgrade: isobox-stream/1``. Returns the status,
         the raw response head (and body, when not 101) and the connected socket."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(str(self.socket_path))
+        sock = connect_unix(self.socket_path, self.timeout)
         body = _json_bytes(json) if json is not None else b""
         head = (f"POST {url(path, query)} HTTP/1.1\r\nHost: localhost\r\n"
                 f"Upgrade: {STREAM_PROTOCOL}\r\nConnection: Upgrade\r\n"
@@ -186,9 +195,7 @@ class Client:
     def raw(self, data: bytes, *, wait: float = 5.0) -> bytes:
         """Send bytes as they are; everything the daemon answers until it closes or is
         quiet for ``wait`` seconds."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(wait)
-            sock.connect(str(self.socket_path))
+        with connect_unix(self.socket_path, wait) as sock:
             sock.sendall(data)
             out = b""
             with contextlib.suppress(TimeoutError, ConnectionResetError):

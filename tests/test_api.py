@@ -9,12 +9,14 @@ duplicate descriptor). The integration half (below, ``test_daemon_*``) runs a re
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import socket
 import stat
 import subprocess
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -457,6 +459,23 @@ def test_socket_is_0660_replaces_a_stale_one_and_is_removed(tmp_path: Path) -> N
     assert not path.exists()
 
 
+def test_a_socket_path_longer_than_sun_path_works(tmp_path: Path) -> None:
+    folder = tmp_path / ("x" * 60) / ("y" * 60)
+    folder.mkdir(parents=True)
+    path = folder / "isoboxd.sock"
+    assert len(str(path)) > 108
+    server = ApiServer(path, build_router(FakeService()))  # type: ignore[arg-type]
+    thread = serve_in_thread(server)
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o660
+        assert Client(path).get("/v1/_ping").body == b"OK"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert not path.exists()
+
+
 def test_openapi_route_serves_the_document_of_its_router(fake: Any) -> None:
     _, c, server = fake
     r = c.get("/v1/openapi.json")
@@ -639,3 +658,59 @@ def test_daemon_lock_sigterm_and_kill9_leave_containers_to_their_monitors(
     r = d.request("POST", "/v1/compute-systems/bg/stop", json={"timeout": 1})
     assert r.status == 204, r.text
     assert d.request("GET", "/v1/compute-systems/bg").json()["state"] == "stopped"
+
+
+@e2e
+def test_daemon_archive_images_and_streams(daemon: Daemon, tmp_path: Path) -> None:
+    d = daemon
+    doc = sh("for i in 1 2 3; do echo tick$i; sleep 0.3; done; cat /data/hello.txt", name="cp")
+    assert d.request("POST", "/v1/compute-systems", json=doc).status == 201
+    # cp in (a stopped container), then run it and follow its logs to the end.
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        ti = tarfile.TarInfo("data/hello.txt")
+        ti.size = 6
+        tf.addfile(ti, io.BytesIO(b"hello\n"))
+    r = d.request("PUT", "/v1/compute-systems/cp/archive", query={"path": "/"},
+                  body=buf.getvalue(), headers={"Content-Type": "application/x-tar"})
+    assert r.status == 204, r.text
+    assert d.request("POST", "/v1/compute-systems/cp/start").status == 204
+    with d.client.lines("/v1/compute-systems/cp/logs", {"follow": 1}) as entries:
+        lines = [e["line"] for e in entries]  # ends by itself when the container stops
+    assert lines == ["tick1\n", "tick2\n", "tick3\n", "hello\n"]
+    # cp out.
+    r = d.request("GET", "/v1/compute-systems/cp/archive", query={"path": "/data"})
+    assert r.status == 200, r.text
+    with tarfile.open(fileobj=io.BytesIO(r.body)) as tf:
+        member = tf.extractfile("data/hello.txt")
+        assert member is not None and member.read() == b"hello\n"
+    assert d.request("GET", "/v1/compute-systems/cp/archive",
+                     query={"path": "/no/such"}).status == 404
+
+    # Images: export, import under another tag, tag, inspect by a percent-encoded ref.
+    r = d.request("GET", "/v1/images/" + quote_ref("busybox:latest") + "/export")
+    assert r.status == 200 and r.headers["content-type"] == "application/x-tar"
+    r = d.request("POST", "/v1/images/import", body=r.body, query={"tag": "copy/bb:v1"},
+                  headers={"Content-Type": "application/x-tar"})
+    assert r.status == 201, r.text
+    assert "copy/bb:v1" in r.json()["tags"]
+    assert d.request("GET", "/v1/images/" + quote_ref("copy/bb:v1")).status == 200
+    assert d.request("POST", "/v1/images/" + quote_ref("copy/bb:v1") + "/tag",
+                     json={"tag": "third:x"}).status == 204
+    assert d.request("GET", "/v1/images/third:x").status == 200
+    assert d.request("GET", "/v1/images/" + quote_ref("nope:1")).status == 404
+    assert list((d.root / "tmp").glob("upload-*")) == []
+
+    # stats as a stream, events of this container, the document.
+    assert d.request("POST", "/v1/compute-systems", json=sh("sleep 1000", name="st")).status \
+        == 201
+    assert d.request("POST", "/v1/compute-systems/st/start").status == 204
+    with d.client.lines("/v1/compute-systems/st/stats", {"stream": 1, "interval": 0.2}) as s:
+        samples = [next(s) for _ in range(3)]
+    assert all(x["pids"] >= 1 for x in samples)
+    with d.client.lines("/v1/events", [("follow", 0), ("filter", "container=cp")]) as ev:
+        actions = [e["action"] for e in ev]
+    assert actions[0] == "create" and "start" in actions and "die" in actions
+    assert d.request("GET", "/v1/events", query={"filter": "bogus=1", "follow": 0}
+                     ).status == 400
+    assert d.request("GET", "/v1/openapi.json").json()["openapi"] == "3.1.0"

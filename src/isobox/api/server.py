@@ -751,7 +751,8 @@ class ApiServer(http.server.ThreadingHTTPServer):
         tmp = self.socket_path.with_name(f".{self.socket_path.name}.{os.getpid()}.tmp")
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        self.socket.bind(str(tmp))
+        with short_socket_path(tmp) as name:
+            self.socket.bind(name)
         try:
             os.chmod(tmp, self.mode)
             os.rename(tmp, self.socket_path)
@@ -777,6 +778,21 @@ class ApiServer(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("unhandled error on a connection")
+
+
+@contextlib.contextmanager
+def short_socket_path(path: Path) -> Iterator[str]:
+    """A name for the socket at ``path`` that fits ``sun_path`` (108 bytes): the path
+    itself, or for a long one the same file through an ``O_PATH`` descriptor of its folder
+    (``/proc/self/fd/N/name``), valid in this process while the context lasts."""
+    if len(os.fsencode(str(path))) < 100:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 def serve_in_thread(server: ApiServer) -> threading.Thread:
