@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import json
 import os
 import shutil
@@ -50,6 +51,12 @@ IMAGE = "busybox:latest"
 CTR_IMAGE = "docker.io/library/busybox:latest"  # how containerd names a loaded busybox:latest
 WRAP = "umount /sys/fs/cgroup/unified 2>/dev/null; exec \"$@\""
 ID_PREFIX = "isobox-bench-"  # container IDs of crun, runc and ctr runs (they name cgroups)
+_IDS = itertools.count(1)
+
+
+def _container_id() -> str:
+    """A unique ID that runc, crun and containerd all accept (containerd: no ``_``)."""
+    return f"{ID_PREFIX}{os.getpid()}-{next(_IDS)}"
 GOAL_VS_CRUN = 2.0
 GOAL_VS_DOCKER = 0.2
 
@@ -215,7 +222,7 @@ def scenarios(peers: Peers, bundle: Path) -> list[Scenario]:
         def steps(w: Path) -> list[Step]:
             return [Step(f"{binary} run", ["unshare", "-m", "--propagation", "private", "sh",
                                            "-c", WRAP, "wrap", binary, "--root", w / "state",
-                                           "run", "--bundle", bundle, ID_PREFIX + w.name])]
+                                           "run", "--bundle", bundle, _container_id()])]
         return steps
 
     def podman_steps(_w: Path) -> list[Step]:
@@ -231,7 +238,7 @@ def scenarios(peers: Peers, bundle: Path) -> list[Scenario]:
 
     def ctr_steps(w: Path) -> list[Step]:
         assert c is not None
-        return [Step("ctr run", c.run_argv(ID_PREFIX + w.name, CTR_IMAGE, "true"))]
+        return [Step("ctr run", c.run_argv(_container_id(), CTR_IMAGE, "true"))]
 
     py = sys.executable
     return [
@@ -301,12 +308,13 @@ def _goal(report: Report, peer: str, goal: float) -> str:
 
 NOTES = [
     "isobox CLI: the whole `isobox run --rm busybox true` command: the Python interpreter's "
-    "start and the CLI's imports, then its HTTP/1.1 round trips to the warm isoboxd on "
-    "$ISOBOX_RUN/isoboxd.sock (create, start/attach, wait, remove as the CLI does them), "
-    "the daemon's spawn of a monitor through its zygote, the overlay root, namespaces, "
-    "/bin/true, and the monitor's cleanup.",
-    "isobox SDK: the same daemon work from this benchmark's warm Python process (no "
-    "interpreter start, no imports; the client made once): the SDK's round trips only.",
+    "start and the CLI's imports, then 4 HTTP/1.1 round trips to the warm isoboxd on "
+    "$ISOBOX_RUN/isoboxd.sock (POST /v1/compute-systems; GET it; POST .../start?attach=1 "
+    "upgraded to a stream until the exit frame; POST .../wait condition=removed, the daemon "
+    "removing it itself for --rm) and the daemon's work: the overlay root, a monitor forked "
+    "by its zygote, namespaces, /bin/true, the monitor's and the service's cleanup.",
+    "isobox SDK: the same 4 round trips and daemon work from this benchmark's warm Python "
+    "process (no interpreter start, no imports; one Client made in the warm-up run).",
     "crun run / runc run: one runtime process (inside the `unshare -m` + sh wrapper that "
     "hides the cgroup2 mount crun refuses, the same for both), no daemon, no image "
     "lookup, no overlay: a prepared bundle on a shared root filesystem, runc's default "
