@@ -61,6 +61,7 @@ class Backend(Protocol):
     def pids(self) -> list[int]: ...
     def exec(self, spec: dict[str, Any], io: ChildIO) -> tuple[int, int | None]: ...
     def total_processes(self) -> int | None: ...
+    def reaped(self, pid: int, status: int) -> None: ...
     def release(self) -> None: ...
 
 
@@ -70,6 +71,21 @@ def make_backend(plan: Plan) -> Backend:
     if plan.isolation == "host":
         return HostBackend(plan)
     raise InvalidArgument(f"the monitor cannot run isolation {plan.isolation!r}")
+
+
+@contextlib.contextmanager
+def unix_path(path: Path) -> Iterator[str]:
+    """A name for the socket at ``path`` that fits ``sun_path`` (108 bytes): the path
+    itself, or for a long one the same file through an ``O_PATH`` descriptor of its folder
+    (``/proc/self/fd/N/name``), valid in this process while the context lasts."""
+    if len(os.fsencode(str(path))) < 100:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -133,15 +149,16 @@ class ProcessBackend:
         listener: socket.socket | None = None
         console = Path(plan.run_dir) / "console.sock"
         try:
-            if io.tty:
-                console.unlink(missing_ok=True)
-                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                listener.bind(str(console))
-                listener.listen(1)
-            with _as_stdio(io):
-                self.container = Container.create(
-                    self.state_root, plan.id, Path(plan.container_dir), cfg,
-                    console_socket=str(console) if io.tty else None)
+            with unix_path(console) as console_name:
+                if io.tty:
+                    console.unlink(missing_ok=True)
+                    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    listener.bind(console_name)
+                    listener.listen(1)
+                with _as_stdio(io):
+                    self.container = Container.create(
+                        self.state_root, plan.id, Path(plan.container_dir), cfg,
+                        console_socket=console_name if io.tty else None)
             self.pid = self.container.state.pid
             if listener is None:
                 return None
@@ -184,6 +201,9 @@ class ProcessBackend:
         return self._c().pids()
 
     def total_processes(self) -> int | None:
+        return None
+
+    def reaped(self, pid: int, status: int) -> None:
         return None
 
     def exec(self, spec: dict[str, Any], io: ChildIO) -> tuple[int, int | None]:
@@ -254,6 +274,9 @@ class HostBackend:
         self.plan = plan
         self.job: Job | None = None
         self.proc: subprocess.Popen[bytes] | None = None
+        # Every Popen is kept until the monitor reaps its process: a Popen that is dropped
+        # polls (waitpid) in __del__ and would take the exit status from the monitor.
+        self._popens: dict[int, subprocess.Popen[bytes]] = {}
         self.io = ChildIO()
         self._slave = -1
         self.pid = 0
@@ -288,11 +311,13 @@ class HostBackend:
         else:
             fds = [io.stdin, io.stdout, io.stderr]
         std = [subprocess.DEVNULL if fd is None else fd for fd in fds]
-        return self._j().spawn(
+        proc = self._j().spawn(
             argv, stdin=std[0], stdout=std[1], stderr=std[2],
             env=dict(e.split("=", 1) for e in env), cwd=cwd, user=ident.uid,
             group=ident.gid, extra_groups=ident.additional_gids,
             start_new_session=not io.tty, close_fds=True)
+        self._popens[proc.pid] = proc
+        return proc
 
     def _identity(self) -> Identity:
         h = self.plan.host
@@ -330,6 +355,11 @@ class HostBackend:
 
     def total_processes(self) -> int | None:
         return self._j().accounting().total_processes
+
+    def reaped(self, pid: int, status: int) -> None:
+        proc = self._popens.pop(pid, None)
+        if proc is not None:
+            proc.returncode = os.waitstatus_to_exitcode(status)
 
     def exec(self, spec: dict[str, Any], io: ChildIO) -> tuple[int, int | None]:
         from isobox.compute.plan import _host_identity

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from isobox import errors
-from isobox.compute.backends import Backend, ChildIO, make_backend
+from isobox.compute.backends import Backend, ChildIO, make_backend, unix_path
 from isobox.compute.logfile import LogWriter, now_ts
 from isobox.compute.plan import Plan, read_plan
 from isobox.errors import Conflict, InvalidArgument, IsoboxError, NotFound
@@ -264,7 +264,8 @@ class Monitor:
         lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)
         try:
-            lst.bind(str(sock_path))
+            with unix_path(sock_path) as name:
+                lst.bind(name)
         finally:
             os.umask(old)
         os.chmod(sock_path, 0o600)
@@ -442,6 +443,7 @@ class Monitor:
             proc = self.procs.get(pid)
             if proc is None and self.main is not None and pid == self.main.pid:
                 proc = self.main
+            self.backend.reaped(pid, status)
             if proc is None:
                 continue  # an orphan of the container, or a helper
             if proc.main:
@@ -545,6 +547,7 @@ class Monitor:
         self._close_proc_fds(proc)
         self.procs.pop(proc.pid, None)
         if proc.main:
+            self._check_counters()  # events not yet read come before the exit
             for conn in list(self.subscribers):
                 self._send(conn, S.encode_control({"exit": self.exit}))
                 conn.closing = True

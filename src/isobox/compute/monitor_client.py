@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from isobox.compute.backends import unix_path
 from isobox.compute.monitor import error_from_wire
 from isobox.errors import IsoboxError, NotFound
 from isobox.spec import stream as S
@@ -30,7 +31,8 @@ class MonitorClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.settimeout(self.timeout)
         try:
-            sock.connect(self.path)
+            with unix_path(Path(self.path)) as name:
+                sock.connect(name)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
             raise NotFound(f"no monitor listens on {self.path}") from exc
