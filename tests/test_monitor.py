@@ -21,7 +21,7 @@ from isobox.compute.monitor_client import MonitorClient
 from isobox.compute.plan import Plan, build_plan, write_plan
 from isobox.compute.spawner import Spawner
 from isobox.errors import Conflict, InvalidArgument, NotFound
-from isobox.jobs.cgroup import detect
+from isobox.jobs.cgroup import CgroupV1, detect
 from isobox.silo.image_root import is_mounted
 from isobox.spec import stream as S
 from isobox.spec.compute import parse_document
@@ -171,6 +171,12 @@ def read_until(sock: socket.socket, needle: bytes, timeout: float = 10, lines: i
     return got
 
 
+def cg_file(cid: str, ctrl: str, name: str) -> str:
+    cg = detect(cid)
+    assert isinstance(cg, CgroupV1)
+    return Path(cg.paths[ctrl], name).read_text().strip()
+
+
 def wait_for(cond: Any, timeout: float = 10, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -252,9 +258,8 @@ def test_exec_output_exit_code_and_limits(launch: Launcher) -> None:
     assert out == f"in-exec\n{box.id[:12]}\n".encode() and ex["exitCode"] == 5
     stats = box.client.stats()
     assert stats["memoryLimit"] == 64 << 20 and stats["pidsLimit"] == 50
-    cg = detect(box.id)
-    assert int(Path(cg.paths["memory"], "memory.limit_in_bytes").read_text()) == 64 << 20
-    assert Path(cg.paths["pids"], "pids.max").read_text().strip() == "50"
+    assert int(cg_file(box.id, "memory", "memory.limit_in_bytes")) == 64 << 20
+    assert cg_file(box.id, "pids", "pids.max") == "50"
     # The exec's output is not the container's log.
     assert all("in-exec" not in r["l"] for r in box.log())
 
@@ -365,9 +370,8 @@ def test_host_isolation(launch: Launcher) -> None:
     assert lines[0] == socket.gethostname()
     assert lines[1] == box.plan.rootfs
     assert lines[2] == box.plan.rootfs + "/bin/busybox"
-    cg = detect(box.id)
-    assert int(Path(cg.paths["memory"], "memory.limit_in_bytes").read_text()) == 64 << 20
-    assert Path(cg.paths["pids"], "pids.max").read_text().strip() == "20"
+    assert int(cg_file(box.id, "memory", "memory.limit_in_bytes")) == 64 << 20
+    assert cg_file(box.id, "pids", "pids.max") == "20"
     stats = box.client.stats()
     assert stats["pidsLimit"] == 20 and stats["totalProcesses"] is not None
     top = box.client.top()
