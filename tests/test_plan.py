@@ -25,8 +25,8 @@ from isobox.spec.image import ImageConfig
 from isobox.storage.store import Mounts
 
 CID = "ab" * 32
-PASSWD = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n"
-GROUP = "root:x:0:\napp:x:1000:\nwheel:x:10:app,other\nstaff:x:50:app\n"
+USERS_FILE = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n"
+GROUPS_FILE = "root:x:0:\napp:x:1000:\nwheel:x:10:app,other\nstaff:x:50:app\n"
 
 
 def image(**config: Any) -> ImageConfig:
@@ -43,8 +43,8 @@ def doc(**fields: Any) -> ComputeSystem:
 def mounts(tmp_path: Path) -> Mounts:
     layer = tmp_path / "layer"
     (layer / "etc").mkdir(parents=True)
-    (layer / "etc" / "passwd").write_text(PASSWD)
-    (layer / "etc" / "group").write_text(GROUP)
+    (layer / "etc" / "passwd").write_text(USERS_FILE)
+    (layer / "etc" / "group").write_text(GROUPS_FILE)
     for d in ("upper", "work"):
         (tmp_path / d).mkdir()
     return Mounts([layer], tmp_path / "upper", tmp_path / "work")
@@ -71,18 +71,18 @@ def test_env_overlay_keeps_order() -> None:
 
 
 def test_users_and_groups() -> None:
-    assert resolve_user(None, PASSWD, GROUP).uid == 0
-    app = resolve_user("app", PASSWD, GROUP)
+    assert resolve_user(None, USERS_FILE, GROUPS_FILE).uid == 0
+    app = resolve_user("app", USERS_FILE, GROUPS_FILE)
     assert (app.uid, app.gid, app.additional_gids, app.home) == (1000, 1000, [10, 50],
                                                                   "/home/app")
-    assert resolve_user("app:wheel", PASSWD, GROUP).gid == 10
-    n = resolve_user("4242:7", PASSWD, GROUP)
+    assert resolve_user("app:wheel", USERS_FILE, GROUPS_FILE).gid == 10
+    n = resolve_user("4242:7", USERS_FILE, GROUPS_FILE)
     assert (n.uid, n.gid, n.additional_gids) == (4242, 7, [])
-    assert resolve_user("1000", PASSWD, GROUP).home == "/home/app"
+    assert resolve_user("1000", USERS_FILE, GROUPS_FILE).home == "/home/app"
     with pytest.raises(InvalidArgument, match="nobody"):
-        resolve_user("nobody", PASSWD, GROUP)
+        resolve_user("nobody", USERS_FILE, GROUPS_FILE)
     with pytest.raises(InvalidArgument, match="nogroup"):
-        resolve_user("app:nogroup", PASSWD, GROUP)
+        resolve_user("app:nogroup", USERS_FILE, GROUPS_FILE)
 
 
 def test_process_plan_is_a_valid_oci_config(mounts: Mounts, tmp_path: Path) -> None:
