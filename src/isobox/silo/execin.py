@@ -24,7 +24,7 @@ from isobox._sys import linux as L
 from isobox.jobs.cgroup import Cgroup
 from isobox.silo import harden
 from isobox.silo.config import Process
-from isobox.silo.init import _recv, _send, pty_to_console, slave_on_stdio
+from isobox.silo.init import _recv, _send, default_signals, pty_to_console, slave_on_stdio
 
 if TYPE_CHECKING:
     from isobox._sys.seccomp import Filter
@@ -134,6 +134,7 @@ def _intermediate(init_pid: int, cgroup: Cgroup, proc: Process, sock: socket.soc
         actions.append((os.POSIX_SPAWN_OPEN, 0, pts, os.O_RDWR, 0))
     # The memfd through the /proc of the container's pid namespace, where the new process
     # is (its own descriptor table, a copy of this one).
+    default_signals()  # ignored dispositions (Python's SIGPIPE) would survive the exec
     pid = os.posix_spawn(f"/proc/self/fd/{trampoline}", ["env", "--", *proc.args],
                          harden.exec_env(proc), setsid=True, file_actions=actions)
     _send(sock, {"pid": pid})

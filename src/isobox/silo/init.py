@@ -261,6 +261,7 @@ def _init(cfg: SiloConfig, sock: socket.socket, p: _Pass) -> None:
 
     try:
         keep = {0, 1, 2, *range(3, 3 + p.preserve_fds)}
+        default_signals()
         harden.close_fds(keep | {p.trampoline})
         harden.apply(cfg.process, new_user_ns=cfg.new_namespace("user"), filt=p.seccomp)
         harden.enter_cwd(cfg.process)
@@ -272,6 +273,17 @@ def _init(cfg: SiloConfig, sock: socket.socket, p: _Pass) -> None:
         with contextlib.suppress(OSError):
             os.write(2, f"isobox-runtime: starting the container process: {exc}\n".encode())
         os._exit(127)
+
+
+def default_signals() -> None:
+    """Every ignored signal back to its default: an ignored disposition survives exec, and
+    Python ignores SIGPIPE and SIGXFSZ (a container's ``yes | head`` must end by SIGPIPE)."""
+    import signal
+
+    for sig in range(1, signal.NSIG):
+        with contextlib.suppress(OSError, ValueError):
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                signal.signal(sig, signal.SIG_DFL)
 
 
 _TIOCSPTLCK = 0x40045431  # unlock the pty slave
