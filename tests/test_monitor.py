@@ -342,6 +342,38 @@ def test_failing_create_leaves_nothing(launch: Launcher) -> None:
     assert box.wait_status()["exitCode"] == 0
 
 
+@pytest.mark.parametrize("isolation", ["process", "host"])
+def test_processes_start_with_default_signals(launch: Launcher, isolation: str) -> None:
+    """Python (monitor, zygote) ignores SIGPIPE; a container's process must not."""
+    box = launch({"args": ["sh", "-c", "grep SigIgn /proc/self/status; yes | head -n1"]},
+                 isolation=isolation)
+    sock, _ = box.client.open_stream("attach")
+    box.client.start()
+    out, err, ex = read_stream(sock)
+    assert (out, err, ex["exitCode"]) == (b"SigIgn:\t0000000000000000\ny\n", b"", 0)
+
+
+def test_spawner_made_with_threads_execs_its_zygote(launch: Launcher) -> None:
+    import threading
+
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        sp = Spawner()
+    finally:
+        stop.set()
+        t.join()
+    try:
+        cmdline = Path(f"/proc/{sp.zygote_pid}/cmdline").read_bytes().split(b"\0")
+        assert b"isobox.compute.spawner" in cmdline
+        box = launch.spawn(launch.plan({"args": ["sh", "-c", "exit 6"]}), sp)
+        box.client.start()
+        assert box.wait_status()["exitCode"] == 6
+    finally:
+        sp.close()
+
+
 def test_pids_limit_event(launch: Launcher) -> None:
     box = launch({"args": ["sh", "-c", "sleep 0.5; for i in 1 2 3 4 5 6; do sleep 9 & done; "
                            "wait"]}, resources={"pidsLimit": 4})

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import socket
 import sys
 from collections.abc import Iterator
@@ -388,8 +387,5 @@ class HostBackend:
             os.close(self._slave)
             self._slave = -1
         if self.job is not None:
-            with contextlib.suppress(ProcessLookupError):
-                if self.pid:
-                    os.kill(self.pid, signal.SIGKILL)
-            self.job.close()
+            self.job.close()  # kill-on-close: every process of the job
             self.job = None

@@ -224,6 +224,10 @@ class Monitor:
         self._undo.append(("wake pipe", self._close_wake))
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        for sig in range(1, signal.NSIG):  # inherited ignores would reach host processes
+            with contextlib.suppress(OSError, ValueError):
+                if sig != signal.SIGPIPE and signal.getsignal(sig) == signal.SIG_IGN:
+                    signal.signal(sig, signal.SIG_DFL)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_stop_signal)
         self._watch(self._wake_r, self._on_wake)

@@ -45,6 +45,8 @@ class MonitorClient:
     def _reply(sock: socket.socket) -> dict[str, Any]:
         try:
             frame = S.read_frame(sock)
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise NotFound("the monitor closed the connection (it is ending)") from exc
         except (S.StreamError, OSError) as exc:
             raise IsoboxError(f"monitor connection failed: {exc}") from exc
         if frame is None:
@@ -60,7 +62,10 @@ class MonitorClient:
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """One request, one reply (``{"ok": true, ...}``); errors raised as they came."""
         with self._connect() as sock:
-            S.send_control(sock, {"v": PROTOCOL, "op": op, **fields})
+            try:
+                S.send_control(sock, {"v": PROTOCOL, "op": op, **fields})
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                raise NotFound("the monitor closed the connection (it is ending)") from exc
             return self._reply(sock)
 
     def open_stream(self, op: str, **fields: Any) -> tuple[socket.socket, dict[str, Any]]:

@@ -133,7 +133,10 @@ class Spawner:
         self._sock: socket.socket | None = None
         self._pid = 0
         self._popen: subprocess.Popen[bytes] | None = None
-        self._fork()
+        if threading.active_count() > 1:
+            self._exec()  # made too late (threads exist): fork + exec is the safe way
+        else:
+            self._fork()
 
     @property
     def zygote_pid(self) -> int:
