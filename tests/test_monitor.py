@@ -286,6 +286,7 @@ def test_stdin_forwarding_and_resize(launch: Launcher) -> None:
     sock.sendall(S.encode(S.STDIN, b"hello\n"))
     assert read_until(sock, b"hello\n") == b"hello\n"
     S.send_control(sock, {"closeStdin": True})
+    sock.shutdown(socket.SHUT_WR)  # done sending: the stream still brings the exit
     out, _, ex = read_stream(sock)
     assert out == b""  # nothing after the echo
     assert ex["exitCode"] == 0

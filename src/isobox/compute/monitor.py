@@ -659,11 +659,13 @@ class Monitor:
         if not data:
             for fd in fds:
                 os.close(fd)
-            if conn.mode == "stream" and conn.out and not conn.closing:
-                self._unwatch(conn.fd)  # half-closed: still send what is queued
-                self._close(conn)
-            else:
-                self._close(conn)
+            if conn.mode == "stream" and conn.proc is not None and not conn.proc.finished:
+                # The peer is done sending (a half-close after its stdin ended): it still
+                # takes the output and the exit. A peer that is gone fails the next send.
+                old = self._handlers.get(conn.fd)
+                self._watch(conn.fd, None, old[1] if old else None)
+                return
+            self._close(conn)
             return
         try:
             frames = conn.reader.feed(data)
