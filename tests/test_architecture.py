@@ -41,6 +41,14 @@ ROWS: dict[str, int] = {
 }
 # Row-0 modules are independent of each other except for the error tree.
 ROW0_ALLOWED = {"errors", "__init__"}
+# Imports within one row that DESIGN.md names: the CLI is built on the SDK.
+SAME_ROW_ALLOWED = {("cli", "client")}
+# The SDK works against a remote daemon and starts fast: of isobox it imports only these
+# (never engine code, never pydantic); the CLI imports only the SDK and these, except the
+# local `isobox job run`, whose module alone may use isobox.jobs.
+CLIENT_MAY_IMPORT = {"spec.wire", "spec.stream", "errors", "paths", "__init__"}
+CLI_MAY_IMPORT = CLIENT_MAY_IMPORT | {"client"}
+CLI_LOCAL_TOOLS = {"cli/jobrun.py": {"jobs"}}
 
 
 def _unit(module: str) -> str:
@@ -95,9 +103,74 @@ def test_imports_go_down_only() -> None:
                 continue
             row0 = ROWS[here] == 0
             allowed = there in ROW0_ALLOWED if row0 else ROWS[there] < ROWS[here]
+            allowed = allowed or (here, there) in SAME_ROW_ALLOWED
             if not allowed:
                 violations.append(f"{path.relative_to(SRC)}:{line}: {here} imports {there}")
     assert not violations, "imports against the layer rule:\n" + "\n".join(violations)
+
+
+def _third_party(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name.split(".")[0]) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.append((node.lineno, node.module.split(".")[0]))
+    return found
+
+
+def _isobox_modules(path: Path) -> list[tuple[int, str]]:
+    """Every isobox module a file imports, below ``isobox.`` (``from isobox.spec import
+    stream`` is ``spec.stream``; ``from isobox import errors`` is ``errors``)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                is_module = (SRC.parent / (sub.replace(".", "/") + ".py")).exists() or (
+                    SRC.parent / sub.replace(".", "/")).is_dir()
+                found.append((node.lineno, sub if is_module else node.module))
+    out = [(ln, m.removeprefix("isobox.")) for ln, m in found if m.startswith("isobox.")]
+    return out + [(ln, "__init__") for ln, m in found if m == "isobox"]
+
+
+def _sdk_violations() -> list[str]:
+    violations = []
+    for pkg, may in (("client", CLIENT_MAY_IMPORT), ("cli", CLI_MAY_IMPORT)):
+        for path in sorted((SRC / pkg).rglob("*.py")):
+            rel = str(path.relative_to(SRC))
+            extra = CLI_LOCAL_TOOLS.get(rel, set())
+            for line, target in _isobox_modules(path):
+                top = target.split(".")[0]
+                if top == pkg or (top == "client" and "client" in may):
+                    continue
+                if target not in may and top not in extra:
+                    violations.append(f"{rel}:{line}: imports isobox.{target}")
+            if not extra:
+                violations += [f"{rel}:{line}: imports {mod}" for line, mod in _third_party(path)
+                               if mod in ("pydantic", "pydantic_core", "zstandard")]
+    return violations
+
+
+def test_sdk_and_cli_import_no_engine_code() -> None:
+    violations = _sdk_violations()
+    assert not violations, "the SDK/CLI import rule:\n" + "\n".join(violations)
+
+
+def test_the_sdk_rule_can_fail() -> None:
+    bad = SRC / "client" / "_sdk_rule_probe.py"
+    bad.write_text("def f() -> None:\n    from isobox.spec.compute import parse_document\n"
+                   "    import pydantic\n")
+    try:
+        found = _sdk_violations()
+    finally:
+        bad.unlink()
+    assert "client/_sdk_rule_probe.py:2: imports isobox.spec.compute" in found
+    assert "client/_sdk_rule_probe.py:3: imports pydantic" in found
 
 
 def test_the_walker_catches_an_upward_import(tmp_path: Path) -> None:

@@ -105,6 +105,8 @@ def _container_routes(routes: dict[tuple[str, str], Handler], stream: bytes) -> 
         201, {"id": INFO["id"], "name": "c1", "warnings": []})
     routes[("GET", f"/v1/compute-systems/{INFO['id']}")] = lambda r: r.send_json(200, INFO)
     routes[("POST", f"/v1/compute-systems/{INFO['id']}/start")] = lambda r: r.upgrade(stream)
+    routes[("POST", f"/v1/compute-systems/{INFO['id']}/wait")] = lambda r: r.send_json(
+        200, {"exitCode": 0, "signal": None, "error": None})
 
 
 def _exit(code: int) -> bytes:
@@ -178,8 +180,10 @@ def test_run_reads_frames_sent_with_the_101(fake: Any) -> None:
     _container_routes(routes, frames.encode(frames.STDOUT, b"hi\n")
                       + frames.encode(frames.STDERR, b"warn\n") + _exit(0))
     assert client.containers.run("busybox", ["echo", "hi"], isolation="host") == b"hi\n"
-    method, path, _ = seen[-1]
-    assert (method, path) == ("POST", f"/v1/compute-systems/{INFO['id']}/start?attach=1")
+    calls = [(m, p) for m, p, _ in seen]
+    base = f"/v1/compute-systems/{INFO['id']}"
+    assert calls[-2:] == [("POST", f"{base}/start?attach=1"),
+                          ("POST", f"{base}/wait?condition=not-running")]
     create_doc = json.loads(seen[0][2])
     assert create_doc["process"]["args"] == ["echo", "hi"]
     assert create_doc["isolation"] == "host"
@@ -305,3 +309,162 @@ def _wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> None:
     while not pred():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+# ---- integration: a real isoboxd ------------------------------------------------------------
+
+
+@pytest.fixture
+def daemon(isobox_env: Path, tmp_path: Path) -> Iterator[Client]:
+    """A real isoboxd on this test's root, with busybox imported; on the way out, nothing
+    of any container may be left (mounts, cgroups, processes, files)."""
+    from daemonkit import Daemon, assert_nothing_left
+    from isobox.storage.bootstrap import bootstrap_busybox
+    from isobox.storage.store import ImageStore
+
+    store = ImageStore()
+    bootstrap_busybox(store)
+    store.close()
+    run = Path(os.environ["ISOBOX_RUN"])
+    d = Daemon.start(isobox_env, run)
+    client = Client()
+    try:
+        yield client
+        ids = [ct.id for ct in client.containers.list(all=True)]
+        for ct in client.containers.list(all=True):
+            ct.remove(force=True)
+    finally:
+        d.stop()
+    assert_nothing_left(isobox_env, run, ids)
+
+
+@pytest.mark.root
+@pytest.mark.overlay
+def test_sdk_run_returns_stdout_and_raises_on_failure(daemon: Client) -> None:
+    c = daemon
+    assert c.ping()
+    assert c.containers.run("busybox", ["echo", "hi"], isolation="process",
+                            auto_remove=True) == b"hi\n"
+    assert c.containers.run("busybox", "sh -c 'echo out; echo err >&2'", isolation="host",
+                            stderr=True, remove=True) == b"out\nerr\n"
+    with pytest.raises(ContainerError) as info:
+        c.containers.run("busybox", ["sh", "-c", "echo bad >&2; exit 7"], auto_remove=True)
+    assert info.value.exit_status == 7 and info.value.stderr == b"bad\n"
+    assert c.containers.list(all=True) == []  # auto_remove / remove left nothing
+    with pytest.raises(ImageNotFound):
+        c.containers.run("nosuch/image:1", ["true"])
+    with pytest.raises(InvalidDocument) as bad:
+        c.containers.create("busybox", ["true"], environment=["NOEQUALS"])
+    assert bad.value.field == "process.env"
+
+
+@pytest.mark.root
+@pytest.mark.overlay
+def test_sdk_detached_container_lifecycle(daemon: Client, tmp_path: Path) -> None:
+    c = daemon
+    ct = c.containers.run(
+        "busybox", ["sh", "-c", "echo started; echo warn >&2; while :; do sleep 1; done"],
+        detach=True, name="sdk-life", labels={"team": "a"}, environment={"X": "42"},
+        mem_limit="64m", pids_limit=50,
+    )
+    assert ct.name == "sdk-life"
+    ct.reload()
+    assert ct.status == "running" and ct.attrs["pid"] > 0
+    assert [x.id for x in c.containers.list(filters={"label": "team=a"})] == [ct.id]
+    assert c.containers.list(filters={"label": "team=b"}) == []
+    assert c.containers.get("sdk-life").id == ct.id == c.containers.get(ct.id[:12]).id
+    assert ct.exec_run(["sh", "-c", "echo $X"], environment={"X": "7"}) == (0, b"7\n")
+    code, (out, err) = ct.exec_run("sh -c 'echo o; echo e >&2; exit 3'", demux=True)
+    assert (code, out, err) == (3, b"o\n", b"e\n")
+    _wait_for(lambda: b"started\n" in ct.logs(stderr=False))  # type: ignore[operator]
+    assert ct.logs(stdout=False) == b"warn\n"
+    entries = list(ct.logs(stream=True))  # type: ignore[arg-type]
+    assert {e["stream"] for e in entries} == {"stdout", "stderr"}
+    top = ct.top()["processes"]
+    assert any(p["command"].startswith("sh -c") for p in top)
+    stats = ct.stats()
+    assert isinstance(stats, dict) and stats["memoryLimit"] == 64 << 20
+    # Files in and out (tar over the archive route).
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("note.txt")
+        info.size = 6
+        tar.addfile(info, io.BytesIO(b"hello\n"))
+    ct.put_archive("/tmp", buf.getvalue())
+    assert ct.exec_run(["cat", "/tmp/note.txt"]).output == b"hello\n"
+    with tarfile.open(fileobj=io.BytesIO(b"".join(ct.get_archive("/tmp/note.txt")))) as tar:
+        member = tar.extractfile("note.txt")
+        assert member is not None and member.read() == b"hello\n"
+    ct.pause()
+    ct.reload()
+    assert ct.status == "paused"
+    ct.unpause()
+    ct.kill("SIGKILL")
+    assert ct.wait()["exitCode"] == 137
+    ct.reload()
+    assert ct.status == "stopped"
+    # A stopped container starts again under another isolation, on the same scratch layer.
+    ct.start(isolation="host")
+    ct.reload()
+    assert ct.status == "running" and ct.attrs["isolation"] == "host"
+    assert ct.exec_run(["sh", "-c", "echo $X"]) == (0, b"42\n")
+    ct.stop(timeout=1)
+    ct.remove()
+    with pytest.raises(NotFound):
+        c.containers.get("sdk-life")
+
+
+@pytest.mark.root
+@pytest.mark.overlay
+def test_sdk_images_and_events(daemon: Client, tmp_path: Path) -> None:
+    from imagekit import d, f, oci_layout, tar_bytes
+
+    c = daemon
+    before = time.time()
+    oci_layout(tmp_path / "img", [tar_bytes([d("etc"), f("etc/hello", "hi\n")])])
+    img = c.images.import_file(tmp_path / "img", "sdk/test:1")
+    assert img.tags == ["sdk/test:1"]
+    assert {i.id for i in c.images.list()} == {img.id, c.images.get("busybox").id}
+    c.images.save("sdk/test:1", tmp_path / "out.tar", "docker")
+    back = c.images.import_file(tmp_path / "out.tar", "sdk/back:1")
+    assert back.id == img.id
+    c.images.tag("sdk/back:1", "sdk/third:1")
+    assert c.images.remove("sdk/back:1") == {"untagged": ["sdk/back:1"], "deleted": []}
+    with pytest.raises(ImageNotFound):
+        c.images.save("sdk/absent:1", tmp_path / "absent.tar")
+    assert not (tmp_path / "absent.tar").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".absent")] == []
+    bb = c.images.bootstrap("busybox", "sdk/bb:1")
+    assert bb.tags == ["busybox:latest", "sdk/bb:1"]
+    assert c.containers.run("busybox", ["true"], auto_remove=True) == b""
+    events = list(c.events(since=str(before), follow=False, filters={"type": "container"}))
+    actions = [e["action"] for e in events]
+    assert "create" in actions and "start" in actions and "die" in actions, actions
+    assert c.info()["images"] == 3
+
+
+@pytest.mark.root
+def test_autostart_starts_isoboxd_once(isobox_env: Path) -> None:
+    import signal
+
+    run = Path(os.environ["ISOBOX_RUN"])
+    sock = run / "isoboxd.sock"
+    with pytest.raises(DaemonUnavailable):
+        Client().ping()
+    c = Client(autostart=True)
+    try:
+        assert c.ping()
+        pid = int((run / "isoboxd.lock").read_text())
+        Client(autostart=True)  # finds it: no second daemon
+        assert int((run / "isoboxd.lock").read_text()) == pid
+        assert os.getsid(pid) == pid  # detached: its own session
+        assert (isobox_env / "isoboxd.log").exists()
+    finally:
+        if sock.exists():
+            pid = int((run / "isoboxd.lock").read_text())
+            os.kill(pid, signal.SIGTERM)
+            _wait_for(lambda: not Path(f"/proc/{pid}").exists() or
+                      Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z")

@@ -1,242 +1,83 @@
 """The ``isobox`` command.
 
-Each verb imports what it needs inside its function, so ``isobox --version`` and ``--help``
-load click and nothing of the engine. Errors from the one error tree become one line on
-stderr and the error's exit code; anything else is a bug and shows its traceback.
-
-Until the daemon exists (see docs/architecture.md), the image verbs use the store directly.
+Every verb but ``job run`` is a call to ``isoboxd`` through :mod:`isobox.client` (the CLI
+imports no engine code). Verbs are loaded lazily: the group knows each verb's module by name
+and imports it only when that verb runs, so ``isobox --version`` loads click and nothing
+else of isobox, and ``isobox ps`` loads the client and the container verbs only. Errors from
+the one error tree become one line on stderr and the error's exit code; anything else is a
+bug and shows its traceback.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from isobox import __version__
 
-if TYPE_CHECKING:
-    from isobox.storage.store import ImageRecord, ImageStore
-
-FORMAT = click.option(
-    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
-)
-
-
-def _store() -> ImageStore:
-    from isobox.storage.store import ImageStore
-
-    return ImageStore()
-
-
-def _emit_json(data: object) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True))
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
-    for row in [headers, *rows]:
-        click.echo("   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.1f}{unit}" if unit != "B" else f"{int(n)}B"
-        n /= 1000
-    return f"{n:.1f}GB"
+# verb -> (module under isobox.cli, attribute, one-line help for ``isobox --help``)
+_LAZY: dict[str, tuple[str, str, str]] = {
+    "run": ("containers", "run", "Run a command in a new container."),
+    "create": ("containers", "create", "Create a container (not started)."),
+    "start": ("containers", "start", "Start created or stopped containers."),
+    "stop": ("containers", "stop", "Stop running containers."),
+    "kill": ("containers", "kill", "Send a signal to containers."),
+    "rm": ("containers", "rm", "Remove containers."),
+    "ps": ("containers", "ps", "List containers."),
+    "ls": ("containers", "ls", "List containers with filters (state, isolation, label)."),
+    "logs": ("containers", "logs", "Print a container's output."),
+    "exec": ("containers", "exec_", "Run a command in a running container."),
+    "top": ("containers", "top", "The processes of a container."),
+    "stats": ("containers", "stats", "CPU, memory, processes and I/O of containers."),
+    "inspect": ("containers", "inspect", "Show containers or images as JSON."),
+    "wait": ("containers", "wait", "Wait for containers to stop; print exit codes."),
+    "pause": ("containers", "pause", "Freeze containers."),
+    "unpause": ("containers", "unpause", "Thaw containers."),
+    "events": ("containers", "events", "Print events as they happen."),
+    "cp": ("containers", "cp", "Copy files between a container and the host."),
+    "info": ("containers", "info", "The daemon and what it can run."),
+    "images": ("images", "images", "List images."),
+    "image": ("images", "image", "Manage images."),
+    "import": ("images", "import_", "Import an image archive, layout or root filesystem."),
+    "save": ("images", "save", "Write an image as an OCI or docker archive."),
+    "rmi": ("images", "rmi", "Remove images."),
+    "tag": ("images", "tag", "Give an image another name."),
+}
 
 
-def _image_json(img: ImageRecord) -> dict[str, Any]:
-    return {
-        "id": img.id,
-        "digest": img.digest,
-        "tags": img.tags,
-        "created": img.created,
-        "size": img.size,
-        "architecture": img.architecture,
-        "os": img.os,
-        "media_type": img.media_type,
-        "layers": [
-            {
-                "digest": la.blob,
-                "media_type": la.media_type,
-                "size": la.size,
-                "diff_id": la.diff_id,
-                "chain_id": la.chain_id,
-            }
-            for la in img.layers
-        ],
-    }
+class LazyGroup(click.Group):
+    """A group whose verbs are imported from their module when first used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_LAZY})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _LAZY:
+            module, attr, _ = _LAZY[cmd_name]
+            cmd = getattr(importlib.import_module(f"isobox.cli.{module}"), attr)
+            assert isinstance(cmd, click.Command)
+            return cmd
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # The help lists every verb without importing one.
+        rows = [(name, _LAZY[name][2]) for name in sorted(_LAZY)]
+        for name in super().list_commands(ctx):
+            cmd = super().get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(45)))
+        with formatter.section("Commands"):
+            formatter.write_dl(sorted(rows))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="isobox")
 def cli() -> None:
     """isobox: one image, isolation chosen at run time (process, vm or host)."""
-
-
-# ---- images -------------------------------------------------------------------------------
-
-
-@cli.command("import")
-@click.argument("path", type=click.Path(path_type=Path))
-@click.argument("name", required=False)
-@click.option("-q", "--quiet", is_flag=True, help="Print only the image ID.")
-def import_(path: Path, name: str | None, quiet: bool) -> None:
-    """Import an OCI layout/archive, a docker save archive, a rootfs tar or a directory."""
-    from isobox.storage.importer import import_path
-
-    img = import_path(_store(), path, name)
-    if quiet:
-        click.echo(img.id)
-    else:
-        click.echo(f"Imported {', '.join(img.tags) or '<untagged>'} {img.id}")
-
-
-@cli.command()
-@click.argument("ref")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
-@click.option("--format", "fmt", type=click.Choice(["oci", "docker"]), default="oci",
-              show_default=True)
-def save(ref: str, output: Path, fmt: str) -> None:
-    """Write an image as an OCI archive or a docker save archive."""
-    from isobox.storage.export import save as save_image
-
-    save_image(_store(), ref, output, fmt)  # type: ignore[arg-type]
-
-
-@cli.command()
-@click.option("-q", "--quiet", is_flag=True, help="Only image IDs.")
-@FORMAT
-def images(quiet: bool, fmt: str) -> None:
-    """List images."""
-    _list_images(quiet, fmt)
-
-
-def _list_images(quiet: bool, fmt: str) -> None:
-    imgs = _store().images()
-    if fmt == "json":
-        _emit_json([_image_json(i) for i in imgs])
-        return
-    if quiet:
-        for i in imgs:
-            click.echo(i.short_id)
-        return
-    rows: list[list[str]] = []
-    for i in imgs:
-        for tag in i.tags or ["<none>:<none>"]:
-            repo, _, t = tag.rpartition(":")
-            rows.append([repo, t, i.short_id, i.created or "", _human(i.size)])
-    _table(["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"], rows)
-
-
-@cli.command()
-@click.argument("refs", nargs=-1, required=True)
-@click.option("-f", "--force", is_flag=True, help="Remove every tag of an image named by ID.")
-def rmi(refs: tuple[str, ...], force: bool) -> None:
-    """Remove images (layers another image or a container uses stay)."""
-    _remove(refs, force)
-
-
-def _remove(refs: Sequence[str], force: bool) -> None:
-    store = _store()
-    for ref in refs:
-        untagged, deleted = store.remove(ref, force=force)
-        for u in untagged:
-            click.echo(f"Untagged: {u}")
-        for d in deleted:
-            click.echo(f"Deleted: {d}")
-
-
-@cli.command()
-@click.argument("source")
-@click.argument("target")
-def tag(source: str, target: str) -> None:
-    """Give an image another name."""
-    _store().tag(source, target)
-
-
-@cli.group()
-def image() -> None:
-    """Manage images."""
-
-
-@image.command("ls")
-@click.option("-q", "--quiet", is_flag=True)
-@FORMAT
-def image_ls(quiet: bool, fmt: str) -> None:
-    """List images."""
-    _list_images(quiet, fmt)
-
-
-@image.command("inspect")
-@click.argument("refs", nargs=-1, required=True)
-def image_inspect(refs: tuple[str, ...]) -> None:
-    """Show images as JSON, with their config and manifest."""
-    store = _store()
-    out = []
-    for ref in refs:
-        img = store.get(ref)
-        data = _image_json(img)
-        data["config"] = json.loads(store.blobs.read_bytes(img.config_digest))
-        data["manifest"] = json.loads(store.manifest_bytes(img))
-        data["layer_dirs"] = [str(store.layer_diff(la.chain_id)) for la in img.layers]
-        out.append(data)
-    _emit_json(out)
-
-
-@image.command("rm")
-@click.argument("refs", nargs=-1, required=True)
-@click.option("-f", "--force", is_flag=True)
-def image_rm(refs: tuple[str, ...], force: bool) -> None:
-    """Remove images."""
-    _remove(refs, force)
-
-
-@image.command("prune")
-@FORMAT
-def image_prune(fmt: str) -> None:
-    """Remove untagged images and every blob, layer and staging folder nothing uses."""
-    r = _store().prune()
-    if fmt == "json":
-        _emit_json(
-            {
-                "images_removed": r.images_removed,
-                "blobs_removed": r.blobs_removed,
-                "layers_removed": r.layers_removed,
-                "staging_removed": r.staging_removed,
-                "bytes_freed": r.bytes_freed,
-            }
-        )
-        return
-    for d in r.images_removed:
-        click.echo(f"Deleted: {d}")
-    click.echo(
-        f"Removed {r.blobs_removed} blobs, {r.layers_removed} layers, {r.staging_removed} "
-        f"unfinished imports; reclaimed {_human(r.bytes_freed)}"
-    )
-
-
-@image.command("bootstrap")
-@click.argument("which", type=click.Choice(["busybox", "debian"]))
-@click.option("--name", help="Name to give the image (default busybox:latest / debian:bookworm).")
-def image_bootstrap(which: str, name: str | None) -> None:
-    """Build a base image from Debian packages, with no registry."""
-    from isobox.storage import bootstrap
-
-    store = _store()
-    if which == "busybox":
-        img = bootstrap.bootstrap_busybox(store, name or "busybox:latest")
-    else:
-        img = bootstrap.bootstrap_debian(store, name or "debian:bookworm")
-    click.echo(f"{', '.join(img.tags)} {img.id}")
 
 
 # ---- jobs ---------------------------------------------------------------------------------
@@ -271,11 +112,6 @@ def job_run(command: tuple[str, ...], **opts: Any) -> None:
     from isobox.cli.jobrun import run_job
 
     sys.exit(run_job(list(command), **opts))
-
-
-image.add_command(import_, "import")
-image.add_command(save, "save")
-image.add_command(tag, "tag")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -393,6 +393,10 @@ class ContainerCollection:
         except BaseException:
             _quiet_remove(ct)
             raise
+        # The exit frame can come before the daemon has recorded the stop: wait for it (or
+        # for the removal), so the container's state is final when this returns.
+        with contextlib.suppress(NotFound):
+            ct.wait(condition="removed" if kwargs.get("auto_remove") else "not-running")
         if remove and not kwargs.get("auto_remove"):
             _quiet_remove(ct)
         err = b"".join(p for k, p in chunks if k == frames.STDERR)
