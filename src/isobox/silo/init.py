@@ -193,17 +193,28 @@ def _stage1(cfg: SiloConfig, sock: socket.socket, p: _Pass) -> None:
     L.unshare(flags)
     if cfg.new_namespace("pid"):
         L.unshare(L.CLONE_NEWPID)
+    # The init shares ``sock``: it may speak only after {"init": pid} is sent, or under
+    # load its {"hooks": True} overtakes that message and the caller reads it as the pid.
+    turn_r, turn_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
+            os.close(turn_w)
+            os.read(turn_r, 1)
+            os.close(turn_r)
             _init(cfg, sock, p)
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 _send(sock, {"error": str(exc), "step": getattr(exc, "step", "init")})
         finally:
             os._exit(code)
-    _send(sock, {"init": pid})
+    os.close(turn_r)
+    try:
+        _send(sock, {"init": pid})
+    finally:
+        os.write(turn_w, b"\0")
+        os.close(turn_w)
 
 
 class _Step:
