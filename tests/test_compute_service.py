@@ -3,18 +3,37 @@ without monitors), then real containers end to end (further below)."""
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
+import socket
+import tarfile
+import tempfile
 import threading
-from collections.abc import Iterator
+import time
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
+from isobox.compute.lifecycle import WaitTimeout
 from isobox.compute.service import ComputeService, parse_signal
-from isobox.errors import Conflict, ImageNotFound, InvalidArgument, InvalidDocument, NotFound
-from isobox.spec.compute import ComputeSystem, parse_document
+from isobox.errors import (
+    Conflict,
+    ImageNotFound,
+    InvalidArgument,
+    InvalidDocument,
+    NotFound,
+    UnsafeLayer,
+)
+from isobox.spec import stream as S
+from isobox.spec.compute import ComputeSystem, ExecSpec, parse_document
 from isobox.storage.bootstrap import bootstrap_busybox
 from isobox.storage.store import ImageStore
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def doc(**kw: object) -> ComputeSystem:
@@ -246,3 +265,343 @@ def test_events_follow_sees_new_events(svc: ComputeService) -> None:
     svc.remove("f1")
     t.join(10)
     assert got == ["create", "destroy"]
+
+
+
+# ---- end to end: real monitors, real containers -------------------------------------
+
+
+def e2e(f: F) -> F:
+    """Real containers: root, overlay mounts and cgroup v1 (this host's)."""
+    return pytest.mark.root(pytest.mark.overlay(pytest.mark.cgroup1(f)))
+
+
+@pytest.fixture
+def short_run(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A short ISOBOX_RUN: a monitor socket path must fit in sun_path (108 bytes), which
+    ``$ISOBOX_RUN/containers/<64 hex>/monitor.sock`` under pytest's tmp_path does not."""
+    run = Path(tempfile.mkdtemp(prefix="ib", dir="/tmp"))
+    monkeypatch.setenv("ISOBOX_RUN", str(run))
+    yield run
+    shutil.rmtree(run, ignore_errors=True)
+
+
+def host_leftovers(root: Path, ids: list[str]) -> list[str]:
+    """Mounts under the root, and cgroups and processes of the given containers."""
+    found: list[str] = []
+    with open("/proc/self/mountinfo") as fh:
+        found += [ln.split()[4] for ln in fh if str(root) in ln.split()[4]]
+    for dirpath, dirnames, _ in os.walk("/sys/fs/cgroup"):
+        found += [os.path.join(dirpath, d) for d in dirnames if d in ids]
+        if dirpath.count("/") > 7:
+            dirnames.clear()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cgroup") as fh:
+                    text = fh.read()
+            except OSError:
+                continue
+            found += [f"pid {pid} in {cid}" for cid in ids if cid in text]
+    return found
+
+
+def created_ids(s: ComputeService) -> list[str]:
+    return [e["id"] for e in s.events(follow=False, filters={"event": "create"})]
+
+
+@pytest.fixture
+def live(isobox_env: Path, short_run: Path) -> Iterator[ComputeService]:
+    """A service with monitors; at the end every container is removed and the host is
+    checked for anything left behind."""
+    store = ImageStore()
+    bootstrap_busybox(store)
+    store.close()
+    s = ComputeService()
+    s.open()
+    try:
+        yield s
+    finally:
+        ids = created_ids(s)
+        for info in s.enumerate():
+            s.remove(info["id"], force=True)
+        s.close()
+        assert host_leftovers(isobox_env, ids) == []
+        assert os.listdir(isobox_env / "containers") == []
+        assert os.listdir(short_run / "containers") == []
+
+
+def sh(script: str, **kw: object) -> ComputeSystem:
+    return doc(process={"args": ["sh", "-c", script]}, **kw)
+
+
+@e2e
+@pytest.mark.parametrize("isolation", ["process", "host"])
+def test_run_wait_logs_restart_remove(live: ComputeService, isolation: str) -> None:
+    res = live.create(sh("echo out; echo err >&2; exit 3", isolation=isolation, name="r1"))
+    live.start("r1")
+    assert live.wait("r1", timeout=30) == {"exitCode": 3, "signal": None, "error": None}
+    info = live.inspect("r1")
+    assert info["state"] == "stopped" and info["exitCode"] == 3 and info["pid"] == 0
+    assert info["startedAt"] and info["finishedAt"] and info["isolation"] == isolation
+    lines = [(e["stream"], e["line"]) for e in live.logs("r1")]
+    assert lines == [("stdout", "out\n"), ("stderr", "err\n")]
+    assert [e["line"] for e in live.logs("r1", stderr=False)] == ["out\n"]
+    # Between runs only the container's own files are left: runtime allocations are freed.
+    assert {a.kind for a in live.db.allocations(res["id"])} == {"dir", "scratch", "plan"}
+    live.start("r1")
+    assert live.wait("r1", timeout=30)["exitCode"] == 3
+    assert len(list(live.logs("r1"))) == 4  # every run appends
+    actions = [e["action"] for e in live.events(follow=False, filters={"container": "r1"})]
+    assert actions == ["create", "start", "die", "start", "die"]
+    live.remove("r1")
+    with pytest.raises(NotFound):
+        live.inspect("r1")
+
+
+@e2e
+def test_start_under_another_isolation_is_stored(live: ComputeService) -> None:
+    live.create(sh("cat /proc/self/cgroup >/dev/null; echo $ISOBOX_SANDBOX_MOUNT_POINT",
+                   name="iso"))
+    live.start("iso", isolation="host")
+    live.wait("iso", timeout=30)
+    info = live.inspect("iso")
+    assert info["isolation"] == "host" and info["document"]["isolation"] == "host"
+    assert [e["line"] for e in live.logs("iso")] == [info["rootfs"] + "\n"]
+    live.start("iso", isolation="process")
+    live.wait("iso", timeout=30)
+    assert live.inspect("iso")["isolation"] == "process"
+    assert [e["line"] for e in live.logs("iso")][-1] == "\n"
+
+
+@e2e
+def test_stop_escalates_to_sigkill(live: ComputeService) -> None:
+    # sh as pid 1 of its namespace ignores SIGTERM: stop must escalate after the timeout.
+    live.create(sh("sleep 1000", name="st"))
+    live.start("st")
+    assert live.inspect("st")["state"] == "running" and live.inspect("st")["pid"] > 0
+    t0 = time.monotonic()
+    live.stop("st", timeout=1)
+    took = time.monotonic() - t0
+    info = live.inspect("st")
+    assert info["state"] == "stopped" and info["exitCode"] == 137
+    assert 1 <= took < 10
+    live.stop("st")  # stopping a stopped container is nothing
+
+
+@e2e
+def test_kill_pause_resume_top_stats(live: ComputeService) -> None:
+    live.create(sh("while :; do :; done", name="busy", isolation="host"))
+    live.start("busy")
+    with pytest.raises(Conflict, match="it is running"):
+        live.start("busy")
+    with pytest.raises(Conflict, match="it is running"):
+        live.remove("busy")
+    procs = live.top("busy")["processes"]
+    assert any("sh" in p["command"] for p in procs)
+    samples = []
+    for sample in live.stats_stream("busy", interval=0.3):
+        samples.append(sample)
+        if len(samples) == 3:
+            break
+    assert samples[0]["cpuPercent"] == 0 and samples[-1]["cpuPercent"] > 20
+    assert samples[-1]["cpuUsageNs"] > samples[0]["cpuUsageNs"]
+    live.pause("busy")
+    assert live.inspect("busy")["state"] == "paused"
+    used = live.stats("busy")["cpuUsageNs"]
+    time.sleep(0.3)
+    assert live.stats("busy")["cpuUsageNs"] - used < 50_000_000  # frozen: (almost) no CPU
+    with pytest.raises(Conflict, match="it is paused"):
+        live.pause("busy")
+    live.resume("busy")
+    assert live.inspect("busy")["state"] == "running"
+    live.kill("busy", "TERM")
+    assert live.wait("busy", timeout=30)["exitCode"] == 143
+    actions = [e["action"] for e in live.events(follow=False, filters={"container": "busy"})]
+    assert actions == ["create", "start", "pause", "unpause", "kill", "die"]
+
+
+@e2e
+def test_remove_force_of_a_running_container(live: ComputeService) -> None:
+    res = live.create(sh("sleep 1000", name="rf"))
+    live.start("rf")
+    live.remove("rf", force=True)
+    with pytest.raises(NotFound):
+        live.inspect("rf")
+    assert host_leftovers(live.root, [res["id"]]) == []
+    assert live.wait(res["id"], condition="removed")["exitCode"] == 137
+
+
+@e2e
+def test_auto_remove(live: ComputeService) -> None:
+    res = live.create(sh("exit 5", name="ar", autoRemove=True))
+    live.start("ar")
+    assert live.wait(res["id"], condition="removed", timeout=30)["exitCode"] == 5
+    with pytest.raises(NotFound):
+        live.inspect(res["id"])
+    actions = [e["action"] for e in live.events(follow=False, filters={"container": res["id"]})]
+    assert actions == ["create", "start", "die", "destroy"]
+
+
+@e2e
+def test_wait_timeout_and_follow(live: ComputeService) -> None:
+    live.create(sh("echo one; sleep 1; echo two", name="wf"))
+    events = live.events(follow=True, filters={"container": "wf"})
+    live.start("wf")
+    with pytest.raises(WaitTimeout):
+        live.wait("wf", timeout=0.2)
+    lines = [e["line"] for e in live.logs("wf", follow=True)]
+    assert lines == ["one\n", "two\n"]
+    assert live.wait("wf", timeout=30)["exitCode"] == 0
+    got = []
+    for e in events:
+        got.append(e["action"])
+        if e["action"] == "die":
+            break
+    assert got == ["start", "die"]
+
+
+@e2e
+def test_attach_and_exec(live: ComputeService) -> None:
+    live.create(doc(name="at", process={
+        "args": ["sh", "-c", "read line; echo got:$line"], "stdin": True}))
+    ours, theirs = socket.socketpair()
+    live.start("at", attach=theirs, stdin=True)
+    theirs.close()
+    ours.sendall(S.encode(S.STDIN, b"hello\n"))
+    out, exit_frame = read_stream(ours)
+    assert out == b"got:hello\n" and exit_frame["exitCode"] == 0
+    ours.close()
+    assert live.wait("at", timeout=30)["exitCode"] == 0
+
+    live.create(sh("sleep 1000", name="ex"))
+    live.start("ex")
+    ours, theirs = socket.socketpair()
+    live.exec("ex", ExecSpec(args=["sh", "-c", "echo in-$HOSTNAME; exit 4"]), theirs)
+    theirs.close()
+    out, exit_frame = read_stream(ours)
+    ours.close()
+    assert out.startswith(b"in-") and exit_frame["exitCode"] == 4
+    live.kill("ex")
+
+
+def read_stream(sock: socket.socket) -> tuple[bytes, dict[str, Any]]:
+    out = b""
+    sock.settimeout(30)
+    while True:
+        frame = S.read_frame(sock)
+        assert frame is not None, "stream ended without an exit frame"
+        kind, payload = frame
+        if kind in (S.STDOUT, S.STDERR):
+            out += payload
+        elif kind == S.CONTROL:
+            msg = S.decode_control(payload)
+            if "exit" in msg:
+                return out, msg["exit"]
+
+
+def tar_of(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> io.BytesIO:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for ti, data in entries:
+            tf.addfile(ti, io.BytesIO(data) if data is not None else None)
+    buf.seek(0)
+    return buf
+
+
+def file_entry(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    return ti, data
+
+
+def untar(chunks: Iterator[bytes]) -> dict[str, tarfile.TarInfo | bytes]:
+    buf = io.BytesIO(b"".join(chunks))
+    out: dict[str, tarfile.TarInfo | bytes] = {}
+    with tarfile.open(fileobj=buf) as tf:
+        for m in tf:
+            f = tf.extractfile(m) if m.isfile() else None
+            out[m.name] = f.read() if f is not None else m
+    return out
+
+
+@e2e
+@pytest.mark.parametrize("running", [False, True])
+def test_archive_in_and_out(live: ComputeService, running: bool) -> None:
+    # An image-side symlink pointing at the host's /etc: followed inside the root only.
+    live.create(sh("mkdir -p /data && ln -s /etc /data/etc-link && ln -s ../../../../.. "
+                   "/data/up && echo mine > /data/f; exec sleep 1000", name="cp"))
+    live.start("cp")
+    deadline = time.monotonic() + 10
+    while not list(live.logs("cp")) and time.monotonic() < deadline:
+        try:
+            got = untar(live.archive_get("cp", "/data/f"))
+            break
+        except NotFound:
+            time.sleep(0.05)
+    assert got == {"f": b"mine\n"}
+    if not running:
+        live.kill("cp")
+        live.wait("cp", timeout=30)
+    passwd = untar(live.archive_get("cp", "/data/etc-link/passwd"))["passwd"]
+    host = Path("/etc/passwd").read_bytes()
+    assert isinstance(passwd, bytes) and passwd != host and passwd.startswith(b"root:")
+    up = untar(live.archive_get("cp", "/data/up/etc/passwd"))["passwd"]
+    assert up == passwd
+    tree = untar(live.archive_get("cp", "/data"))
+    assert isinstance(tree["data/etc-link"], tarfile.TarInfo)
+    assert tree["data/etc-link"].issym() and tree["data/etc-link"].linkname == "/etc"
+    with pytest.raises(NotFound):
+        list(live.archive_get("cp", "/no/such"))
+
+    live.archive_put("cp", "/data/etc-link", tar_of([file_entry("new.txt", b"hi\n")]))
+    assert not Path("/etc/new.txt").exists()
+    assert untar(live.archive_get("cp", "/etc/new.txt")) == {"new.txt": b"hi\n"}
+    dev = tarfile.TarInfo("null2")
+    dev.type, dev.devmajor, dev.devminor = tarfile.CHRTYPE, 1, 3
+    wh = file_entry(".wh.f", b"")
+    for bad in ([file_entry("../escape", b"x")], [file_entry("/abs", b"x")], [(dev, None)],
+                [wh]):
+        with pytest.raises(UnsafeLayer):
+            live.archive_put("cp", "/data", tar_of(bad))
+    assert untar(live.archive_get("cp", "/data/f")) == {"f": b"mine\n"}
+    with pytest.raises(InvalidArgument):
+        live.archive_put("cp", "/data", io.BytesIO(b"not a tar at all" * 64))
+    if running:
+        live.kill("cp")
+        live.wait("cp", timeout=30)
+    assert [m for m in Path("/proc/self/mountinfo").read_text().splitlines()
+            if str(live.root) in m] == []
+
+
+@e2e
+@pytest.mark.slow
+def test_200_run_rm_cycles_from_4_threads(live: ComputeService) -> None:
+    errors: list[BaseException] = []
+    fds_before = len(os.listdir("/proc/self/fd"))
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(50):
+                res = live.create(sh(f"exit {i % 7}", autoRemove=i % 2 == 0,
+                                     isolation="host" if i % 3 == 0 else "process"))
+                live.start(res["id"])
+                got = live.wait(res["id"], timeout=60)
+                assert got["exitCode"] == i % 7, got
+                if i % 2:
+                    live.remove(res["id"])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert errors == [], "".join(traceback.format_exception(errors[0]))
+    deadline = time.monotonic() + 30
+    while live.enumerate() and time.monotonic() < deadline:
+        time.sleep(0.1)  # the last auto-removes
+    assert live.enumerate() == []
+    assert len(created_ids(live)) == 200
+    assert len(os.listdir("/proc/self/fd")) <= fds_before + 8

@@ -13,22 +13,25 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from isobox.compute.db import ComputeDB, EventRow
 from isobox.errors import InvalidArgument
 from isobox.spec.wire import Event
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _CLOSED = None  # the sentinel a subscriber queue receives when the bus closes
 
 
 def now_ns() -> int:
-    return time.time_ns()
+    """Now, truncated to the microsecond: what a formatted time can say, so a ``since``
+    copied from an event matches that event exactly."""
+    return time.time_ns() // 1000 * 1000
 
 
 def format_time(ns: int) -> str:
     """RFC 3339 UTC with microseconds and a ``Z``, as every time on the wire."""
-    dt = datetime.fromtimestamp(ns / 1e9, tz=UTC)
+    dt = _EPOCH + timedelta(microseconds=ns // 1000)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -50,7 +53,7 @@ def parse_time(value: str | float | int | None, what: str) -> int | None:
         raise InvalidArgument(f"{what}: not a time: {value!r}") from exc
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1e9)
+    return (dt - _EPOCH) // timedelta(microseconds=1) * 1000  # exact, no float rounding
 
 
 def _as_event(row: EventRow) -> Event:
@@ -136,42 +139,80 @@ class EventBus:
                filters: Filters | None = None, follow: bool = True,
                poll: float = 1.0) -> Iterator[Event]:
         """History from ``since`` (none when ``since`` is not given and ``follow``), then,
-        with ``follow``, live events until ``until`` passes or the bus closes."""
+        with ``follow``, live events until ``until`` passes or the bus closes.
+
+        The subscription is made *now*, not at the first ``next()``: an event published
+        between this call and the first read is not lost."""
         since_ns = parse_time(since, "since")
         until_ns = parse_time(until, "until")
         want = check_filters(filters)
         q: queue.SimpleQueue[EventRow | None] = queue.SimpleQueue()
         with self._lock:
-            if self._closed:
-                return
-            if follow:
+            closed = self._closed
+            if follow and not closed:
                 self._subs.add(q)
             last = self._db.last_event_seq()
-        try:
-            if since_ns is not None or not follow:
-                for row in self._db.events(since_ns=since_ns, until_ns=until_ns, upto_seq=last):
-                    if matches(row, want):
-                        yield _as_event(row)
-            if not follow:
-                return
-            while True:
-                if until_ns is not None and now_ns() > until_ns:
-                    return
-                try:
-                    item = q.get(timeout=poll)
-                except queue.Empty:
-                    continue
-                if item is _CLOSED:
-                    return
-                assert item is not None
-                if item.seq <= last:
-                    continue
-                if until_ns is not None and item.time_ns > until_ns:
-                    return
-                if since_ns is not None and item.time_ns < since_ns:
-                    continue
-                if matches(item, want):
-                    yield _as_event(item)
-        finally:
-            with self._lock:
-                self._subs.discard(q)
+        history: list[EventRow] = []
+        if since_ns is not None or not follow:
+            history = self._db.events(since_ns=since_ns, until_ns=until_ns, upto_seq=last)
+        return _Stream(self, q, [r for r in history if matches(r, want)],
+                       live=follow and not closed, last=last, since_ns=since_ns,
+                       until_ns=until_ns, want=want, poll=poll)
+
+    def _unsubscribe(self, q: queue.SimpleQueue[EventRow | None]) -> None:
+        with self._lock:
+            self._subs.discard(q)
+
+
+class _Stream:
+    """An event stream: the history, then live events. Unsubscribes when it ends, is
+    closed, or is garbage (a stream nobody reads must not keep a queue growing)."""
+
+    def __init__(self, bus: EventBus, q: queue.SimpleQueue[EventRow | None],
+                 history: list[EventRow], *, live: bool, last: int, since_ns: int | None,
+                 until_ns: int | None, want: dict[str, list[str]], poll: float) -> None:
+        self._bus, self._q = bus, q
+        self._history = history
+        self._live = live
+        self._last, self._since, self._until = last, since_ns, until_ns
+        self._want, self._poll = want, poll
+        self._done = False
+
+    def __iter__(self) -> _Stream:
+        return self
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._bus._unsubscribe(self._q)
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __next__(self) -> Event:
+        if self._history:
+            return _as_event(self._history.pop(0))
+        if not self._live or self._done:
+            self.close()
+            raise StopIteration
+        until = self._until
+        while True:
+            if until is not None and now_ns() > until:
+                break
+            try:
+                item = self._q.get(timeout=self._poll)
+            except queue.Empty:
+                continue
+            if item is _CLOSED:
+                break
+            assert item is not None
+            if item.seq <= self._last:
+                continue
+            if until is not None and item.time_ns > until:
+                break
+            if self._since is not None and item.time_ns < self._since:
+                continue
+            if matches(item, self._want):
+                return _as_event(item)
+        self.close()
+        raise StopIteration

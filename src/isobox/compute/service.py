@@ -232,6 +232,11 @@ class ComputeService:
         if self._spawner is not None:
             self._spawner.close()
             self._spawner = None
+        # Watchers check _closing before they write; one caught mid-write logs an error.
+        if self._db is not None:
+            self._db.close()
+        if self._store is not None:
+            self._store.close()
 
     def __enter__(self) -> ComputeService:
         self.open()
@@ -640,24 +645,32 @@ class ComputeService:
                 raise
             return done
 
+        seen: list[ContainerRow | None] = []
+
         def ready() -> bool:
+            # The row is kept as it was when the condition held: an auto-remove may move
+            # it on (to removing, then gone) before we read it again.
             row = self.db.get(cid)
-            if row is None:
+            if row is None or (condition == "not-running"
+                               and row.state in ("stopped", "removing")):
+                seen[:] = [row]
                 return True
-            return condition == "not-running" and row.state == "stopped"
+            return False
 
         with self._changed:
-            ok = self._changed.wait_for(lambda: ready() or self._closing, timeout)
-        if not ok or not ready():
+            self._changed.wait_for(lambda: ready() or self._closing, timeout)
+        if not seen:
             what = "not removed" if condition == "removed" else "not stopped"
             raise WaitTimeout(f"container {ref}: {what} after {timeout} s")
-        row = self.db.get(cid)
-        if row is not None:
-            return WaitResult(exitCode=row.exit_code if row.exit_code is not None else 0,
-                              signal=row.signal, error=row.error)
+        row = seen[0]
+        if row is not None and row.exit_code is not None:
+            return WaitResult(exitCode=row.exit_code, signal=row.signal, error=row.error)
         with self._guard:
             done = self._finished.get(cid)
-        return done or WaitResult(exitCode=0, signal=None, error=None)
+        if done is not None:
+            return done
+        code = row.exit_code if row is not None and row.exit_code is not None else 0
+        return WaitResult(exitCode=code, signal=None, error=None)
 
     def _client(self, row: ContainerRow) -> MonitorClient:
         from isobox.compute.monitor_client import MonitorClient
