@@ -41,6 +41,7 @@ from bench.peers import (
     IsoboxDaemon,
     PeerError,
     Podman,
+    cpu_seconds,
     mounts_under,
 )
 
@@ -289,6 +290,47 @@ def _load() -> str:
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"
 
 
+class CpuUse:
+    """How busy the host's CPUs were while the benchmark ran, and roughly how much of that
+    was the benchmark: this process, the commands it ran (waited for) and the engines'
+    long-lived processes (the daemons; short-lived shims and monitors escape the count)."""
+
+    def __init__(self, peers: Peers) -> None:
+        self.peers = peers
+        self.host0 = self._host()
+        self.own0 = self._own()
+        self.daemons0 = cpu_seconds(self._daemon_pids())
+
+    @staticmethod
+    def _host() -> tuple[float, float]:
+        """(busy, total) CPU seconds of the whole host since boot, from /proc/stat."""
+        line = Path("/proc/stat").read_text().split("\n", 1)[0]
+        fields = [int(x) for x in line.split()[1:9]]  # user nice system idle iowait irq...
+        tick = os.sysconf("SC_CLK_TCK")
+        return (sum(fields) - fields[3] - fields[4]) / tick, sum(fields) / tick
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def _daemon_pids(self) -> list[int]:
+        peers = (self.peers.isobox, self.peers.podman, self.peers.containerd, self.peers.dockerd)
+        return [pid for p in peers if p is not None for pid in p.pids()]
+
+    def summary(self) -> str:
+        busy1, total1 = self._host()
+        busy, total = busy1 - self.host0[0], max(1e-9, total1 - self.host0[1])
+        daemons1 = cpu_seconds(self._daemon_pids())
+        ours = self._own() - self.own0 + sum(
+            t - self.daemons0.get(pid, 0.0) for pid, t in daemons1.items())
+        return (f"Host load: the CPUs were {busy / total:.0%} busy during the warm-up and "
+                f"rounds ({busy:.1f} of {total:.1f} CPU-seconds); at least "
+                f"{min(ours, busy) / total:.0%} of the capacity was the benchmark's own (its "
+                f"commands, the SDK calls, the engines' daemons; detached shims, conmon and "
+                f"monitors are not counted); the rest is other work on this machine.")
+
+
 # ---- the report ---------------------------------------------------------------------------
 
 
@@ -345,6 +387,7 @@ def run(config: Config) -> Report:
             peers.bring_up(archive, image_id)
             stack.callback(lambda: leftovers.extend(peers.leftovers))
             env = peers.isobox.env if peers.isobox else {}
+            cpu = CpuUse(peers)
             with _environ(env):
                 report = measure(
                     NAME, TITLE, scenarios(peers, bundle), config,
@@ -359,6 +402,7 @@ def run(config: Config) -> Report:
                         "docker client": ["/usr/bin/docker", "--version"],
                         "ctr": ["ctr", "--version"]},
                 )
+            load_note = cpu.summary()
         left_cgroups = _cgroups_named(ID_PREFIX)
         leftovers += [f"cgroup left: {g}" for g in left_cgroups]
     finally:
@@ -368,15 +412,14 @@ def run(config: Config) -> Report:
         else:
             shutil.rmtree(folder, ignore_errors=True)
     report.baseline_label = CLI
-    report.notes += [
-        _goal(report, CRUN, GOAL_VS_CRUN),
-        _goal(report, DOCKER, GOAL_VS_DOCKER),
-        f"Load average (1/5/15 min) before: {load_before}; after: {_load()}; "
-        f"{os.cpu_count()} cores.",
-    ]
+    report.notes.append(f"{load_note} Load average (1/5/15 min) before: {load_before}, "
+                        f"after: {_load()}; {os.cpu_count()} cores.")
     report.notes += [f"LEFTOVER: {x}" for x in leftovers] or [
         "After the rounds every engine was stopped: no process, mount or cgroup of the "
         "benchmark was left."]
     for x in leftovers:
         log(f"{NAME}: LEFTOVER: {x}")
+    # Last, so that `python -m bench` (which prints the last note) shows it.
+    report.notes.append(f"{_goal(report, CRUN, GOAL_VS_CRUN)}; "
+                        f"{_goal(report, DOCKER, GOAL_VS_DOCKER)}")
     return report

@@ -107,6 +107,20 @@ def processes_mentioning(text: str, *, environ: bool = False) -> list[int]:
     return pids
 
 
+def cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
+    """User + system CPU seconds each process has used so far (gone ones left out)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)"; utime is field 14
+        out[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def log_tail(log: Path, lines: int = 15) -> str:
     try:
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
@@ -235,6 +249,10 @@ class IsoboxDaemon:
         """The CLI against this daemon."""
         return run([self.cli, *args], env={**os.environ, **self.env})
 
+    def pids(self) -> list[int]:
+        """The daemon, its zygote and the monitors alive now."""
+        return processes_mentioning(f"ISOBOX_RUN={self.run_dir}", environ=True)
+
     def stop(self) -> list[str]:
         if self.proc is not None:
             _end(self.proc)
@@ -290,6 +308,9 @@ class Podman:
                     "CONTAINERS_STORAGE_CONF": str(f / "storage.conf"),
                     "TMPDIR": str(f / "tmpdir")}
         run(self.argv("load", "-i", str(archive)), env=self.env)
+
+    def pids(self) -> list[int]:
+        return processes_mentioning(f"{self.folder}/")
 
     def stop(self) -> list[str]:
         if self.env:
@@ -350,6 +371,10 @@ class Containerd:
             self.proc, lambda: self.sock.exists() and _answers(self.ctr("version")),
             "containerd", self.log)
         run(self.ctr("images", "import", archive))
+
+    def pids(self) -> list[int]:
+        """The daemon and the shims alive now."""
+        return processes_mentioning(f"{self.folder}/")
 
     def stop(self) -> list[str]:
         if self.proc is not None and self.proc.poll() is None:
@@ -415,6 +440,10 @@ class Dockerd:
             self.proc, lambda: self.sock.exists() and _answers(self.docker("version"), self.env),
             "dockerd", self.log)
         run(self.docker("load", "-i", archive), env=self.env)
+
+    def pids(self) -> list[int]:
+        """dockerd, the containerd it supervises and the shims alive now."""
+        return processes_mentioning(f"{self.folder}/")
 
     def stop(self) -> list[str]:
         if self.proc is not None and self.proc.poll() is None:
