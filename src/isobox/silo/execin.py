@@ -24,7 +24,14 @@ from isobox._sys import linux as L
 from isobox.jobs.cgroup import Cgroup
 from isobox.silo import harden
 from isobox.silo.config import Process
-from isobox.silo.init import _recv, _send, default_signals, pty_to_console, slave_on_stdio
+from isobox.silo.init import (
+    _recv,
+    _send,
+    default_signals,
+    forked_child,
+    pty_to_console,
+    slave_on_stdio,
+)
 
 if TYPE_CHECKING:
     from isobox._sys.seccomp import Filter
@@ -55,6 +62,7 @@ def exec_in(
     if mid == 0:
         code = 1
         try:
+            forked_child()
             parent.close()
             _intermediate(init_pid, cgroup, proc, child, console=console_socket,
                           trampoline=trampoline, preserve_fds=preserve_fds, filt=filt,

@@ -113,6 +113,7 @@ def spawn(
     if pid == 0:  # stage 1
         code = 1
         try:
+            forked_child()
             parent.close()
             _stage1(cfg, child, _Pass(fifo_fd, console_socket, trampoline, preserve_fds,
                                       filt))
@@ -284,6 +285,23 @@ def _init(cfg: SiloConfig, sock: socket.socket, p: _Pass) -> None:
         with contextlib.suppress(OSError):
             os.write(2, f"isobox-runtime: starting the container process: {exc}\n".encode())
         os._exit(127)
+
+
+def forked_child() -> None:
+    """First thing in a child forked by the engine: drop the parent's Python signal set-up.
+
+    The parent may be the monitor, with a wakeup fd and a SIGCHLD handler: inherited, a
+    signal in the child runs that handler and writes to a descriptor the child has closed
+    (or, worse, reused for the container's stdio — the byte would land in its stream)."""
+    import signal
+
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)
+    for sig in range(1, signal.NSIG):
+        with contextlib.suppress(OSError, ValueError):
+            handler = signal.getsignal(sig)
+            if callable(handler):  # a Python-level handler (default_int_handler too)
+                signal.signal(sig, signal.SIG_DFL)
 
 
 def default_signals() -> None:
