@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 import pytest
 
-from isobox.compute.lifecycle import WaitTimeout
 from isobox.compute.service import ComputeService, parse_signal
 from isobox.errors import (
     Conflict,
@@ -27,6 +26,7 @@ from isobox.errors import (
     InvalidDocument,
     NotFound,
     UnsafeLayer,
+    WaitTimeout,
 )
 from isobox.spec import stream as S
 from isobox.spec.compute import ComputeSystem, ExecSpec, parse_document

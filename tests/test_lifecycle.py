@@ -68,6 +68,8 @@ def test_unknown_action_is_a_bug_not_a_conflict() -> None:
 
 
 def test_error_classes_are_in_the_tree() -> None:
-    assert issubclass(lifecycle.WaitTimeout, IsoboxError)
-    assert lifecycle.WaitTimeout.http_status == 408
-    assert lifecycle.IsolationUnavailable.http_status == 400
+    from isobox import errors
+
+    assert issubclass(errors.WaitTimeout, IsoboxError)
+    assert errors.WaitTimeout.http_status == 408
+    assert errors.IsolationUnavailable.http_status == 400

@@ -10,16 +10,19 @@ the operation, the path or id, and the errno.
     IsoboxError                      base; ``.exit_code`` for the CLI, ``.http_status``
     ├── InvalidArgument              bad input from a user or a document (400)
     │   ├── InvalidReference         an image reference that does not parse
-    │   └── InvalidDocument          a JSON document that fails validation (names the field)
+    │   ├── InvalidDocument          a JSON document that fails validation (names the field)
+    │   └── IsolationUnavailable     an isolation this engine cannot run here (or yet)
     ├── NotFound                     something named does not exist (404)
     │   └── ImageNotFound
-    ├── Conflict                     the name or object exists / is in use (409)
+    ├── Conflict                     the name or object exists / is in use, or the step is
+    │   │                            illegal in the object's state (409)
     │   └── ImageInUse               an image a container or another tag still needs
     ├── ImageError                   an image that cannot be accepted (422)
     │   ├── DigestMismatch           content does not hash to the digest that names it
     │   └── UnsafeLayer              a layer entry that would escape or is not allowed
     ├── StoreError                   the store on disk is damaged or out of space (500/507)
     │   └── StoreFull                ENOSPC / EDQUOT while writing
+    ├── WaitTimeout                  a wait gave up before its condition held (408)
     ├── ToolMissing                  a host tool the operation needs is absent (500)
     └── SystemError_                 a system call failed: ``op``, ``path``, ``errno`` (500)
 """
@@ -51,6 +54,10 @@ class InvalidDocument(InvalidArgument):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class IsolationUnavailable(InvalidArgument):
+    """An isolation this engine cannot run here (``vm`` without utility-VM assets)."""
 
 
 class NotFound(IsoboxError):
@@ -97,6 +104,12 @@ class StoreFull(StoreError):
 
 class ToolMissing(IsoboxError):
     pass
+
+
+class WaitTimeout(IsoboxError):
+    """``wait`` gave up before the condition held."""
+
+    http_status = 408
 
 
 class SystemError_(IsoboxError):

@@ -33,6 +33,12 @@ Query = Mapping[str, str | int | float | bool | Sequence[str] | None]
 _HEAD_LIMIT = 64 * 1024
 
 
+_BY_STATUS: dict[int, type[errors.IsoboxError]] = {
+    400: errors.InvalidArgument, 404: errors.NotFound, 408: errors.WaitTimeout,
+    409: errors.Conflict, 507: errors.StoreFull,
+}
+
+
 def raise_error(status: int, body: bytes) -> None:
     """Raise what an error answer carries: the ``isobox.errors`` class its ``kind`` names."""
     try:
@@ -45,7 +51,8 @@ def raise_error(status: int, body: bytes) -> None:
         raise errors.IsoboxError(f"daemon answered {status}: {text}") from None
     cls = getattr(errors, kind, None)
     if not (isinstance(cls, type) and issubclass(cls, errors.IsoboxError)):
-        cls = errors.IsoboxError
+        # A kind this client does not know (a newer daemon): the class of its status.
+        cls = _BY_STATUS.get(status, errors.IsoboxError)
     # Some classes take structured arguments; the message the daemon sent is what counts.
     exc = cls.__new__(cls)
     Exception.__init__(exc, message)

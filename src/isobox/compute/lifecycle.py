@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Final, Literal
 
-from isobox.errors import Conflict, InvalidArgument, IsoboxError
+from isobox.errors import Conflict
 
 RowState = Literal["creating", "created", "running", "paused", "stopped", "removing"]
 ROW_STATES: Final[tuple[RowState, ...]] = (
@@ -46,16 +46,6 @@ ALLOWED: Final[dict[str, frozenset[str]]] = {
 
 #: States in which a monitor process belongs to the container.
 ACTIVE: Final[frozenset[str]] = frozenset({"running", "paused"})
-
-
-class WaitTimeout(IsoboxError):
-    """``wait`` gave up before the condition held (HTTP 408)."""
-
-    http_status = 408
-
-
-class IsolationUnavailable(InvalidArgument):
-    """An isolation this engine cannot run yet (``vm`` until the utility-VM issue)."""
 
 
 def check(action: str, state: str, who: str) -> None:

@@ -40,8 +40,16 @@ from isobox import __version__
 from isobox.compute import lifecycle
 from isobox.compute.db import Allocation, ComputeDB, ContainerRow
 from isobox.compute.events import EventBus, Filters, format_time, now_ns
-from isobox.compute.lifecycle import ACTIVE, IsolationUnavailable, WaitTimeout
-from isobox.errors import Conflict, InvalidArgument, IsoboxError, NotFound, from_oserror
+from isobox.compute.lifecycle import ACTIVE
+from isobox.errors import (
+    Conflict,
+    InvalidArgument,
+    IsoboxError,
+    IsolationUnavailable,
+    NotFound,
+    WaitTimeout,
+    from_oserror,
+)
 from isobox.paths import root_dir, run_dir
 from isobox.spec.compute import ComputeSystem, ExecSpec, dump_document, parse_document
 from isobox.spec.wire import (
