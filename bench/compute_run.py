@@ -136,6 +136,7 @@ class Peers:
         self.containerd: Containerd | None = None
         self.dockerd: Dockerd | None = None
         self.setup_s: dict[str, float] = {}
+        self.image_check = "not bootstrapped"
 
     def bring_up(self, archive: Path, image_id: str) -> None:
         isoboxd, cli = _bin("isoboxd"), _bin("isobox")
@@ -183,14 +184,16 @@ class Peers:
         return True
 
     def _same_image(self, d: IsoboxDaemon, image_id: str) -> None:
+        """Say whether the daemon's bootstrapped busybox is the very image the peers got."""
         try:
             out = d.isobox("image", "inspect", "busybox")
             ids = {i.get("id") or i.get("Id") for i in json.loads(out)}
         except (PeerError, ValueError, AttributeError) as exc:
-            log(f"{NAME}: cannot compare image IDs: {exc}")
-            return
-        if image_id not in ids:
-            log(f"{NAME}: isoboxd's busybox is {ids}, the peers' is {image_id}")
+            self.image_check = f"not compared ({exc})"
+        else:
+            self.image_check = ("the same image ID" if image_id in ids
+                                else f"a different image: {sorted(map(str, ids))}")
+        log(f"{NAME}: isoboxd's busybox: {self.image_check}")
 
 
 def _sdk_call(env: dict[str, str]) -> Callable[[], object]:
@@ -393,6 +396,8 @@ def run(config: Config) -> Report:
                     NAME, TITLE, scenarios(peers, bundle), config,
                     params={"image": f"{IMAGE} ({image_id}), bootstrapped by isobox, "
                                      "saved as a docker archive and loaded into each engine",
+                            "isoboxd's busybox (bootstrapped through the CLI)":
+                                peers.image_check,
                             "process": "true (/bin/true of busybox)",
                             "engine start-up, untimed (s)": {
                                 k: round(v, 2) for k, v in peers.setup_s.items()}},
