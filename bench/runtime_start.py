@@ -37,13 +37,17 @@ def _bundle(base: Path) -> Path:
     if (bundle / "config.json").exists():
         return bundle
     bundle.mkdir(parents=True)
-    env = {**os.environ, "ISOBOX_ROOT": str(base / "store")}
-    isobox = REPO / ".venv" / "bin" / "isobox"
-    subprocess.run([isobox, "image", "bootstrap", "busybox"], env=env, check=True,
-                   capture_output=True)
-    info = json.loads(subprocess.run([isobox, "image", "inspect", "busybox"], env=env,
-                                     check=True, capture_output=True).stdout)
-    shutil.copytree(info[0]["layer_dirs"][0], bundle / "rootfs", symlinks=True)
+    # The store directly, not the CLI: the CLI talks to (and would start) an isoboxd.
+    from isobox.storage.bootstrap import bootstrap_busybox
+    from isobox.storage.store import ImageStore
+
+    store = ImageStore(base / "store")
+    try:
+        img = bootstrap_busybox(store)
+        shutil.copytree(store.layer_diff(img.layers[0].chain_id), bundle / "rootfs",
+                        symlinks=True)
+    finally:
+        store.close()
     spec = "runc" if shutil.which("runc") else str(isobox_runtime())
     subprocess.run([spec, "spec"], cwd=bundle, check=True, capture_output=True)
     cfg = json.loads((bundle / "config.json").read_text())
