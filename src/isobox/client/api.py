@@ -19,29 +19,38 @@ from __future__ import annotations
 import builtins
 import contextlib
 import os
-import shlex
-import tarfile
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, cast
 
 from isobox.client import stream as streams
 from isobox.client._transport import Query, RawStream, Transport, quote_ref
 from isobox.client.errors import ContainerError
 from isobox.errors import InvalidArgument, NotFound
-from isobox.paths import run_dir
 from isobox.spec import stream as frames
-from isobox.spec import wire
+
+if TYPE_CHECKING:  # types only: the hot path builds none of them (pathlib, wire ~6 ms)
+    from pathlib import Path
+
+    from isobox.spec import wire
 
 SCHEMA_VERSION = "1.0"
 SOCKET_NAME = "isoboxd.sock"
+#: :data:`isobox.paths.DEFAULT_RUN`, written here so that finding the socket does not import
+#: :mod:`pathlib` (~4 ms); a test checks that both name the same socket.
+_DEFAULT_RUN = "/run/isobox"
 _BOOTSTRAP_NAMES = {"busybox": "busybox:latest", "debian": "debian:bookworm"}
 _UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def default_socket() -> Path:
-    return run_dir() / SOCKET_NAME
+    from pathlib import Path
+
+    return Path(default_socket_path())
+
+
+def default_socket_path() -> str:
+    """``$ISOBOX_RUN/isoboxd.sock`` (as :func:`isobox.paths.run_dir`), as a string."""
+    return os.path.join(os.environ.get("ISOBOX_RUN") or _DEFAULT_RUN, SOCKET_NAME)
 
 
 def parse_size(value: int | str) -> int:
@@ -60,7 +69,11 @@ def parse_size(value: int | str) -> int:
 def _args(command: str | Sequence[str] | None) -> list[str] | None:
     if command is None:
         return None
-    return shlex.split(command) if isinstance(command, str) else list(command)
+    if isinstance(command, str):
+        import shlex
+
+        return shlex.split(command)
+    return list(command)
 
 
 def _env(environment: Mapping[str, str] | Sequence[str] | None) -> list[str]:
@@ -195,18 +208,37 @@ class ExecResult(NamedTuple):
 
 
 class Container:
-    """One compute system. ``attrs`` is its ``ComputeSystemInfo`` as last fetched."""
+    """One compute system. ``attrs`` is its ``ComputeSystemInfo`` as last fetched.
 
-    def __init__(self, client: Client, attrs: wire.ComputeSystemInfo) -> None:
+    A container made from an id alone (``containers.create``, ``run``) fetches its ``attrs``
+    at their first use: ``run`` needs only the id, and a round trip fewer."""
+
+    def __init__(self, client: Client, attrs: wire.ComputeSystemInfo | None = None, *,
+                 id: str | None = None) -> None:
+        if attrs is None and id is None:
+            raise TypeError("Container needs attrs or an id")
         self.client = client
-        self.attrs = attrs
+        self._attrs = attrs
+        self._id = attrs["id"] if attrs is not None else cast(str, id)
 
     def __repr__(self) -> str:
         return f"<Container {self.short_id} {self.name} {self.status}>"
 
     @property
+    def attrs(self) -> wire.ComputeSystemInfo:
+        if self._attrs is None:
+            self.reload()
+            assert self._attrs is not None
+        return self._attrs
+
+    @attrs.setter
+    def attrs(self, value: wire.ComputeSystemInfo) -> None:
+        self._attrs = value
+        self._id = value["id"]
+
+    @property
     def id(self) -> str:
-        return self.attrs["id"]
+        return self._id
 
     @property
     def short_id(self) -> str:
@@ -270,7 +302,7 @@ class Container:
     def wait(self, *, condition: str = "not-running",
              timeout: float | None = None) -> wire.WaitResult:
         query: dict[str, Any] = {"condition": condition, "timeout": timeout}
-        return cast(wire.WaitResult, self._api.request(
+        return cast("wire.WaitResult", self._api.request(
             "POST", self._path + "/wait", query=query).json())
 
     def remove(self, *, force: bool = False) -> None:
@@ -288,7 +320,7 @@ class Container:
             "follow": follow, "since": since, "until": until, "tail": tail,
             "stdout": "1" if stdout else "0", "stderr": "1" if stderr else "0",
         }
-        entries = cast(Iterator[wire.LogEntry], self._api.request(
+        entries = cast("Iterator[wire.LogEntry]", self._api.request(
             "GET", self._path + "/logs", query=query).lines())
         if stream:
             return entries
@@ -300,11 +332,11 @@ class Container:
         resp = self._api.request("GET", self._path + "/stats",
                                  query={"stream": stream, "interval": interval})
         if stream:
-            return cast(Iterator[wire.StatsSample], resp.lines())
-        return cast(wire.StatsSample, resp.json())
+            return cast("Iterator[wire.StatsSample]", resp.lines())
+        return cast("wire.StatsSample", resp.json())
 
     def top(self) -> wire.ProcessList:
-        return cast(wire.ProcessList, self._api.request("GET", self._path + "/top").json())
+        return cast("wire.ProcessList", self._api.request("GET", self._path + "/top").json())
 
     # ---- exec and files --------------------------------------------------------------------
 
@@ -368,9 +400,9 @@ class ContainerCollection:
                **kwargs: Any) -> Container:
         """Create (not start) a container; options as :func:`build_document`'s."""
         doc = build_document(image, command, **kwargs)
-        created = cast(wire.CreateResult, self.client.api.request(
+        created = cast("wire.CreateResult", self.client.api.request(
             "POST", "/compute-systems", json_body=doc).json())
-        return self.get(created["id"])
+        return Container(self.client, id=created["id"])
 
     def run(
         self, image: str, command: str | Sequence[str] | None = None, *, detach: bool = False,
@@ -418,7 +450,7 @@ class ContainerCollection:
             if key not in ("state", "isolation", "label", "name"):
                 raise InvalidArgument(f"unknown filter {key!r} (state, isolation, label, name)")
             query[key] = value
-        infos = cast(builtins.list[wire.ComputeSystemInfo], self.client.api.request(
+        infos = cast("builtins.list[wire.ComputeSystemInfo]", self.client.api.request(
             "GET", "/compute-systems", query=query).json())
         if not all and "state" not in query:
             infos = [i for i in infos if i["state"] in ("running", "paused")]
@@ -519,6 +551,9 @@ class ImageCollection:
         """Import an OCI layout or archive, a docker save archive, a root filesystem tar
         (plain, gzip, zstd) or a folder (sent as a tar: an OCI layout, a docker save or a
         root filesystem). The file is read here and streamed to the daemon."""
+        import tempfile
+        from pathlib import Path
+
         p = Path(path)
         if not p.exists():
             raise InvalidArgument(f"{p}: no such file or directory")
@@ -537,6 +572,9 @@ class ImageCollection:
 
     def save(self, ref: str, path: str | Path, fmt: str = "oci") -> None:
         """Write the image as an archive at ``path``; complete or not there at all."""
+        import tempfile
+        from pathlib import Path
+
         out = Path(path).absolute()
         chunks = self.export(ref, fmt)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -553,6 +591,8 @@ class ImageCollection:
 
 def _tar_folder(folder: Path, out: BinaryIO) -> None:
     """The folder's content at the root of a tar (no ``./`` prefix)."""
+    import tarfile
+
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for child in sorted(folder.iterdir()):
             tar.add(child, arcname=child.name)
@@ -561,19 +601,29 @@ def _tar_folder(folder: Path, out: BinaryIO) -> None:
 class Client:
     """A connection to ``isoboxd`` (``$ISOBOX_RUN/isoboxd.sock`` unless told otherwise).
 
-    ``autostart=True`` starts the daemon when it is not running (see :mod:`.daemon`).
+    ``autostart=True`` starts the daemon when it is not running (see :mod:`.daemon`): when the
+    first request finds no daemon on the socket, not before, so a command against a running
+    daemon pays for no probe and imports none of the starting machinery.
     """
 
-    def __init__(self, socket_path: str | Path | None = None, *, autostart: bool = False,
-                 timeout: float | None = None) -> None:
-        self.socket_path = Path(socket_path) if socket_path else default_socket()
-        if autostart:
-            from isobox.client.daemon import ensure_daemon
-
-            ensure_daemon(self.socket_path)
-        self.api = Transport(self.socket_path, timeout)
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None, *,
+                 autostart: bool = False, timeout: float | None = None) -> None:
+        self._socket = os.fspath(socket_path) if socket_path else default_socket_path()
+        self.api = Transport(self._socket, timeout,
+                             on_unavailable=self._start_daemon if autostart else None)
         self.containers = ContainerCollection(self)
         self.images = ImageCollection(self)
+
+    @property
+    def socket_path(self) -> Path:
+        from pathlib import Path
+
+        return Path(self._socket)
+
+    def _start_daemon(self) -> None:
+        from isobox.client.daemon import ensure_daemon
+
+        ensure_daemon(self.socket_path)
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> Client:
@@ -587,7 +637,7 @@ class Client:
             resp.close()
 
     def info(self) -> wire.DaemonInfo:
-        return cast(wire.DaemonInfo, self.api.request("GET", "/info").json())
+        return cast("wire.DaemonInfo", self.api.request("GET", "/info").json())
 
     def events(
         self, *, since: str | None = None, until: str | None = None,
@@ -601,7 +651,7 @@ class Client:
                 f"{key}={v}" for v in value]
         query: Query = {"since": since, "until": until, "follow": "1" if follow else "0",
                         "filter": pairs}
-        return cast(Iterator[wire.Event], self.api.request("GET", "/events", query=query).lines())
+        return cast("Iterator[wire.Event]", self.api.request("GET", "/events", query=query).lines())
 
     def close(self) -> None:
         """Nothing stays open between calls; here for ``with Client() as c``."""

@@ -15,12 +15,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import selectors
+import selectors  # socket imports it anyway
 import signal
 import sys
-import termios
-import threading
-import tty as ttymod
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
@@ -141,6 +138,8 @@ def pump(
 
     ``stdin`` None: nothing is forwarded. ``stdout``/``stderr`` default to the process's.
     """
+    import threading  # here: collect() needs none of this, nor terminal handling
+
     out_fd = sys.stdout.fileno() if stdout is None else stdout
     err_fd = sys.stderr.fileno() if stderr is None else stderr
     main = threading.current_thread() is threading.main_thread()
@@ -162,6 +161,9 @@ def pump(
                 stack.callback(signals.close)
                 sel.register(signals.rfd, selectors.EVENT_READ, "signal")
         if raw_mode:
+            import termios
+            import tty as ttymod
+
             assert stdin is not None
             saved_attrs = termios.tcgetattr(stdin)
             ttymod.setraw(stdin, termios.TCSANOW)
