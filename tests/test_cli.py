@@ -64,13 +64,32 @@ def test_version_loads_no_engine_code() -> None:
     code = (
         "import sys; from isobox.cli.main import main\n"
         "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
-        "print(sorted(m for m in sys.modules if m.startswith('isobox.')))"
+        "print(sorted(m for m in sys.modules if m.startswith('isobox.')), 'click' in sys.modules)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.splitlines()
     assert out[0].startswith("isobox, version ")
-    assert out[1] == "['isobox.cli', 'isobox.cli.main', 'isobox.errors']"
+    # Answered before click (or anything of the engine) is imported.
+    assert out[1] == "['isobox.cli', 'isobox.cli.main'] False"
+
+
+def test_the_fast_version_answer_is_clicks(capsys: pytest.CaptureFixture[str]) -> None:
+    import click
+
+    from isobox.cli.app import cli
+    from isobox.cli.main import main
+
+    with pytest.raises(SystemExit) as fast:
+        main(["--version"])
+    fast_out = capsys.readouterr().out
+    try:  # through click's version_option (ps is never run: --version is eager)
+        code = cli.main(args=["--version", "ps"], prog_name="isobox", standalone_mode=False)
+    except click.exceptions.Exit as exc:  # click < 8.2 raises it
+        code = exc.exit_code
+    assert fast.value.code == code == 0
+    assert fast_out == capsys.readouterr().out
+    assert fast_out.startswith("isobox, version ")
 
 
 def test_import_list_inspect_save_rmi(daemon: Path, tmp_path: Path) -> None:

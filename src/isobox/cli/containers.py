@@ -12,19 +12,18 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import tarfile
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from isobox.cli.format import FORMAT, ago, duration, emit_json, human_binary, parse_time, table
 from isobox.client import Client, Container, DaemonUnavailable
 from isobox.errors import InvalidArgument, IsoboxError, NotFound
-from isobox.spec.wire import ComputeSystemInfo
+
+if TYPE_CHECKING:  # wire's TypedDicts are types here; tarfile, tempfile, pathlib load for cp
+    from isobox.spec.wire import ComputeSystemInfo
 
 ISOLATIONS = ("process", "vm", "host")
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -528,6 +527,8 @@ def _split(arg: str) -> tuple[str | None, str]:
 
 def _remote_kind(ct: Container, path: str) -> str | None:
     """``dir``, ``file`` or None (absent): from the first header of the path's archive."""
+    import tarfile
+
     try:
         chunks = ct.get_archive(path)
     except NotFound:
@@ -550,6 +551,10 @@ def _remote_kind(ct: Container, path: str) -> str | None:
 
 
 def _copy_out(ct: Container, src: str, dst: str) -> None:
+    import tarfile
+    import tempfile
+    from pathlib import Path
+
     chunks = ct.get_archive(src)
     if dst == "-":
         for chunk in chunks:
@@ -575,6 +580,10 @@ def _copy_out(ct: Container, src: str, dst: str) -> None:
 
 
 def _copy_in(ct: Container, src: str, dst: str) -> None:
+    import tarfile
+    import tempfile
+    from pathlib import Path
+
     source = Path(src)
     if not source.exists():
         raise InvalidArgument(f"{src}: no such file or directory")
