@@ -1,10 +1,11 @@
-"""The container verbs of ``isobox``: docker's, through :mod:`isobox.client` only.
+"""The container lifecycle verbs of ``isobox``: docker's, through :mod:`isobox.client` only.
 
 ``run`` without ``-d`` creates the container, then starts it *attached* (one upgraded
 request, so no byte of output is missed) and pumps the stream against this terminal; its exit
 code is the container's. As docker's: 125 when isobox itself fails (bad option, no image,
 no daemon), 126/127 when the command cannot be run (the engine reports 127 for an exec
-failure, with the reason on stderr).
+failure, with the reason on stderr). The verbs that look at containers are in
+:mod:`isobox.cli.listing`, ``cp`` in :mod:`isobox.cli.copying`: ``run`` loads neither.
 """
 
 from __future__ import annotations
@@ -12,32 +13,17 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import click
 
-from isobox.cli.format import FORMAT, ago, duration, emit_json, human_binary, parse_time, table
+from isobox.cli.common import client, fail
 from isobox.client import Client, Container, DaemonUnavailable
-from isobox.errors import InvalidArgument, IsoboxError, NotFound
-
-if TYPE_CHECKING:  # wire's TypedDicts are types here; tarfile, tempfile, pathlib load for cp
-    from isobox.spec.wire import ComputeSystemInfo
+from isobox.errors import IsoboxError, NotFound
 
 ISOLATIONS = ("process", "vm", "host")
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def client() -> Client:
-    """The daemon's client; the daemon is started when it is not running (unless
-    ``ISOBOX_AUTOSTART=0``)."""
-    return Client(autostart=os.environ.get("ISOBOX_AUTOSTART", "1") != "0")
-
-
-def fail(exc: IsoboxError, code: int) -> NoReturn:
-    click.echo(f"isobox: {exc}", err=True)
-    sys.exit(code)
 
 
 def _env_items(items: Sequence[str]) -> list[str]:
@@ -272,119 +258,6 @@ def wait(refs: tuple[str, ...]) -> None:
         click.echo(c.containers.get(ref).wait()["exitCode"])
 
 
-# ---- listing -------------------------------------------------------------------------------
-
-
-def _command(info: ComputeSystemInfo) -> str:
-    process = info["document"].get("process", {})
-    argv = [*(process.get("entrypoint") or []), *(process.get("args") or [])]
-    return " ".join(argv)
-
-
-def status_text(info: ComputeSystemInfo) -> str:
-    state = info["state"]
-    if state in ("running", "paused"):
-        started = parse_time(info["startedAt"])
-        up = "Up " + duration(time.time() - started) if started else "Up"
-        return up + (" (Paused)" if state == "paused" else "")
-    if state == "stopped":
-        return f"Exited ({info['exitCode']}) {ago(info['finishedAt'])}".rstrip()
-    if state == "removing":
-        return "Removal In Progress"
-    return state.capitalize()
-
-
-def _filters(items: Sequence[str]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in ("state", "status", "isolation", "label", "name"):
-            raise InvalidArgument(
-                f"bad filter {item!r}: state=, isolation=, label=KEY[=VALUE], name=")
-        out.setdefault("state" if key == "status" else key, []).append(value)
-    return out
-
-
-@click.command()
-@click.option("-a", "--all", "all_", is_flag=True, help="Also created and stopped ones.")
-@click.option("-q", "--quiet", is_flag=True, help="Only IDs.")
-@click.option("-f", "--filter", "filters", multiple=True, metavar="KEY=VALUE",
-              help="state=, isolation=, label=KEY[=VALUE], name= (repeatable).")
-@click.option("--no-trunc", is_flag=True, help="Full IDs and commands.")
-@FORMAT
-def ps(all_: bool, quiet: bool, filters: tuple[str, ...], no_trunc: bool, fmt: str) -> None:
-    """List containers (running ones unless -a), as HcsEnumerateComputeSystems."""
-    query: dict[str, Any] = dict(_filters(filters))
-    for key in ("isolation", "name"):
-        if key in query:
-            if len(query[key]) > 1:
-                raise InvalidArgument(f"filter {key} may be given once")
-            query[key] = query[key][0]
-    cts = client().containers.list(all=all_, filters=query)
-    if fmt == "json":
-        emit_json([ct.attrs for ct in cts])
-        return
-    if quiet:
-        for ct in cts:
-            click.echo(ct.id if no_trunc else ct.short_id)
-        return
-    rows = []
-    for ct in cts:
-        cmd = _command(ct.attrs)
-        if not no_trunc and len(cmd) > 20:
-            cmd = cmd[:19] + "…"
-        rows.append([ct.id if no_trunc else ct.short_id, ct.image, f'"{cmd}"',
-                     ago(ct.attrs["createdAt"]), status_text(ct.attrs),
-                     ct.attrs["isolation"], ct.name])
-    table(["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "ISOLATION", "NAMES"], rows)
-
-
-@click.command()
-@click.option("--type", "kind", type=click.Choice(["container", "image"]),
-              help="Look only for a container or only for an image.")
-@click.argument("refs", nargs=-1, required=True)
-def inspect(refs: tuple[str, ...], kind: str | None) -> None:
-    """Show containers (or images) as JSON."""
-    c = client()
-    out: list[Any] = []
-    for ref in refs:
-        if kind != "image":
-            try:
-                out.append(c.containers.get(ref).attrs)
-                continue
-            except NotFound:
-                if kind == "container":
-                    raise
-        out.append(c.images.get(ref).attrs)
-    emit_json(out)
-
-
-# ---- output, processes, stats, events ------------------------------------------------------
-
-
-@click.command()
-@click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
-@click.option("--since", help="RFC 3339 time or unix seconds.")
-@click.option("--until", help="RFC 3339 time or unix seconds.")
-@click.option("-n", "--tail", help="Lines from the end (or 'all').")
-@click.option("-t", "--timestamps", is_flag=True)
-@click.argument("ref")
-def logs(ref: str, *, follow: bool, since: str | None, until: str | None, tail: str | None,
-         timestamps: bool) -> None:
-    """Print a container's output (stdout to stdout, stderr to stderr)."""
-    ct = client().containers.get(ref)
-    n = None if tail in (None, "all") else int(tail)
-    entries = ct.logs(stream=True, follow=follow, since=since, until=until, tail=n)
-    assert not isinstance(entries, bytes)
-    out, err = sys.stdout.buffer, sys.stderr.buffer
-    for e in entries:
-        line = (e["time"] + " " if timestamps else "") + e["line"]
-        target = err if e["stream"] == "stderr" else out
-        target.write(line.encode())
-        if follow:
-            target.flush()
-
-
 @click.command("exec", context_settings=_RUN_CONTEXT)
 @click.option("-i", "--interactive", is_flag=True, help="Forward stdin.")
 @click.option("-t", "--tty", is_flag=True, help="Give the process a terminal.")
@@ -408,212 +281,3 @@ def exec_(ref: str, command: tuple[str, ...], *, interactive: bool, tty: bool,
     # Ctrl-C ends the stream (KeyboardInterrupt, exit 130); as docker, no signal is proxied
     # to an exec'd process.
     sys.exit(pump(raw, stdin=sys.stdin.fileno() if interactive else None, tty=tty))
-
-
-@click.command()
-@FORMAT
-@click.argument("ref")
-def top(ref: str, fmt: str) -> None:
-    """The processes of a container."""
-    procs = client().containers.get(ref).top()["processes"]
-    if fmt == "json":
-        emit_json(procs)
-        return
-    rows = [[str(p["pid"]), str(p["containerPid"]), str(p["ppid"]), str(p["uid"]), p["state"],
-             _cpu_time(p["cpuTimeNs"]), human_binary(p["rssBytes"]), p["command"]]
-            for p in procs]
-    table(["PID", "CPID", "PPID", "UID", "STATE", "TIME", "RSS", "COMMAND"], rows)
-
-
-def _cpu_time(ns: int) -> str:
-    s = ns // 1_000_000_000
-    return f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-@click.command()
-@click.option("--no-stream", is_flag=True, help="One sample, then exit.")
-@click.option("--interval", type=float, default=1.0, show_default=True)
-@FORMAT
-@click.argument("refs", nargs=-1, required=True)
-def stats(refs: tuple[str, ...], no_stream: bool, interval: float, fmt: str) -> None:
-    """Job accounting of containers: CPU, memory, processes, I/O."""
-    c = client()
-    cts = [c.containers.get(r) for r in refs]
-    previous: dict[str, tuple[float, int]] = {}
-    while True:
-        samples = []
-        for ct in cts:
-            s = ct.stats()
-            assert isinstance(s, dict)
-            now = time.monotonic()
-            if ct.id in previous:  # CPU % of one CPU since the last sample, as docker's
-                t0, cpu0 = previous[ct.id]
-                s["cpuPercent"] = round((s["cpuUsageNs"] - cpu0) / ((now - t0) * 1e7), 2)
-            previous[ct.id] = (now, s["cpuUsageNs"])
-            samples.append((ct, s))
-        if fmt == "json":
-            emit_json([{"id": ct.id, "name": ct.name, **s} for ct, s in samples])
-        else:
-            table(["CONTAINER ID", "NAME", "CPU %", "MEM USAGE / LIMIT", "PIDS", "BLOCK I/O"], [
-                [ct.short_id, ct.name, f"{s['cpuPercent']:.2f}%",
-                 f"{human_binary(s['memoryBytes'])} / "
-                 f"{human_binary(s['memoryLimit']) if s['memoryLimit'] else 'unlimited'}",
-                 str(s["pids"]),
-                 f"{human_binary(s['ioReadBytes'])} / {human_binary(s['ioWriteBytes'])}"]
-                for ct, s in samples])
-        if no_stream:
-            return
-        sys.stdout.flush()
-        time.sleep(interval)
-
-
-@click.command()
-@click.option("--since", help="RFC 3339 time or unix seconds.")
-@click.option("--until", help="RFC 3339 time or unix seconds (ends the stream).")
-@click.option("-f", "--filter", "filters", multiple=True, metavar="KEY=VALUE",
-              help="type=, action=, id=, name=, label= (repeatable).")
-@click.option("--no-follow", is_flag=True, help="Print past events, then exit.")
-@FORMAT
-def events(since: str | None, until: str | None, filters: tuple[str, ...], no_follow: bool,
-           fmt: str) -> None:
-    """Print events of containers, images and the daemon as they happen."""
-    pairs: dict[str, list[str]] = {}
-    for item in filters:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise InvalidArgument(f"filter must be KEY=VALUE, got {item!r}")
-        pairs.setdefault(key, []).append(value)
-    stream = client().events(since=since, until=until, filters=pairs,
-                             follow=not no_follow and until is None)
-    import json
-
-    for ev in stream:
-        if fmt == "json":
-            click.echo(json.dumps(ev, sort_keys=True))
-        else:
-            attrs = ", ".join(f"{k}={v}" for k, v in sorted(
-                {"name": ev["name"], **ev["attributes"]}.items()) if v)
-            click.echo(f"{ev['time']} {ev['type']} {ev['action']} {ev['id']} ({attrs})")
-        sys.stdout.flush()
-
-
-@click.command()
-@FORMAT
-def info(fmt: str) -> None:
-    """The daemon, the host and the isolations they can run."""
-    data = client().info()
-    if fmt == "json":
-        emit_json(data)
-        return
-    for key in ("version", "apiVersion", "pid", "root", "run", "cgroupVersion", "accelerator",
-                "images"):
-        click.echo(f"{key}: {data.get(key)}")
-    click.echo("containers: " + ", ".join(f"{k} {v}" for k, v in data["containers"].items()))
-    click.echo("isolations:")
-    for name, state in data["isolations"].items():
-        click.echo(f"  {name}: {state}")
-
-
-# ---- cp ------------------------------------------------------------------------------------
-
-
-def _split(arg: str) -> tuple[str | None, str]:
-    """``CONTAINER:PATH`` -> (container, path); a local path (``./a:b``, ``/x``) -> (None, p)."""
-    head, sep, tail = arg.partition(":")
-    if not sep or not head or head.startswith((".", "/")):
-        return None, arg
-    return head, tail
-
-
-def _remote_kind(ct: Container, path: str) -> str | None:
-    """``dir``, ``file`` or None (absent): from the first header of the path's archive."""
-    import tarfile
-
-    try:
-        chunks = ct.get_archive(path)
-    except NotFound:
-        return None
-    head = b""
-    try:
-        for chunk in chunks:
-            head += chunk
-            if len(head) >= tarfile.BLOCKSIZE:
-                break
-    finally:
-        close = getattr(chunks, "close", None)
-        if close is not None:
-            close()
-    try:
-        member = tarfile.TarInfo.frombuf(head[: tarfile.BLOCKSIZE], "utf-8", "surrogateescape")
-    except tarfile.TarError:
-        return "file"
-    return "dir" if member.isdir() else "file"
-
-
-def _copy_out(ct: Container, src: str, dst: str) -> None:
-    import tarfile
-    import tempfile
-    from pathlib import Path
-
-    chunks = ct.get_archive(src)
-    if dst == "-":
-        for chunk in chunks:
-            sys.stdout.buffer.write(chunk)
-        return
-    with tempfile.TemporaryFile() as spool:
-        for chunk in chunks:
-            spool.write(chunk)
-        spool.seek(0)
-        target = Path(dst)
-        name = os.path.basename(src.rstrip("/")) or "."
-        with tarfile.open(fileobj=spool, mode="r:") as tar:
-            if target.is_dir():
-                tar.extractall(target, filter="data")
-                return
-            # Copy under the new name: extract beside it, then rename the top entry.
-            parent = target.absolute().parent
-            if not parent.is_dir():
-                raise InvalidArgument(f"{parent}: no such directory")
-            with tempfile.TemporaryDirectory(dir=parent, prefix=".isobox-cp-") as tmp:
-                tar.extractall(tmp, filter="data")
-                os.replace(Path(tmp, name), target)
-
-
-def _copy_in(ct: Container, src: str, dst: str) -> None:
-    import tarfile
-    import tempfile
-    from pathlib import Path
-
-    source = Path(src)
-    if not source.exists():
-        raise InvalidArgument(f"{src}: no such file or directory")
-    if dst.endswith("/") or _remote_kind(ct, dst) == "dir":
-        folder, name = dst, source.name
-    else:
-        folder, name = os.path.dirname(dst.rstrip("/")) or "/", os.path.basename(dst)
-    with tempfile.TemporaryFile() as spool:
-        with tarfile.open(fileobj=spool, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            tar.add(source, arcname=name)
-        spool.seek(0)
-        ct.put_archive(folder, spool)
-
-
-@click.command()
-@click.argument("src")
-@click.argument("dst")
-def cp(src: str, dst: str) -> None:
-    """Copy files between a container and the host: CONTAINER:PATH on one side."""
-    (sc, sp), (dc, dp) = _split(src), _split(dst)
-    if (sc is None) == (dc is None):
-        raise InvalidArgument("cp: give CONTAINER:PATH as exactly one of SRC and DST")
-    c = client()
-    if sc is not None:
-        _copy_out(c.containers.get(sc), sp, dp)
-    else:
-        assert dc is not None
-        _copy_in(c.containers.get(dc), sp, dp)
-
-
-ls = click.Command("ls", callback=ps.callback, params=ps.params,
-                   help="List containers, filtered as HcsEnumerateComputeSystems: "
-                        "--filter state= isolation= label= name= (running unless -a).")

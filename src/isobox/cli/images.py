@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from isobox.cli.containers import client
+from isobox.cli.common import client
 from isobox.cli.format import FORMAT, emit_json, human, table
 
 

@@ -16,7 +16,8 @@ Three kinds of exchange:
 * chunked JSON-line streams (logs, events, stats): :meth:`Response.lines`, each line as soon
   as its chunk arrives;
 * upgraded raw streams (attach, exec): :meth:`Transport.upgrade`; bytes the daemon sent right
-  after the ``101`` head are kept for the :class:`RawStream`, never lost.
+  after the ``101`` head are kept for the :class:`~isobox.client.stream.RawStream`, never
+  lost. The frame code is imported then, not for a plain request (``ps``).
 
 Each request uses its own connection (the contract's rule): the daemon is local, a connect
 costs microseconds, and a connection never carries the state of an earlier, half-read
@@ -32,11 +33,13 @@ import json
 import os
 import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from isobox import errors
 from isobox.client.errors import DaemonUnavailable
-from isobox.spec import stream as frames
+
+if TYPE_CHECKING:
+    from isobox.client.stream import RawStream
 
 #: Equal to :data:`isobox.spec.wire.API_VERSION` and ``STREAM_PROTOCOL`` (a test checks it):
 #: written here so that the hot path does not build wire's ``TypedDict`` classes (~2 ms).
@@ -417,6 +420,8 @@ class Transport:
             "Content-Type: application/json\r\n"
             f"Content-Length: {len(payload)}\r\n\r\n"
         ).encode()
+        from isobox.client.stream import RawStream
+
         what = f"{method} {path}"
         sock = self._connect()
         try:
@@ -464,57 +469,3 @@ def _read_head(sock: socket.socket, what: str,
         buf += chunk
     status, hdrs = _parse_head(buf[:end])
     return status, hdrs, buf[end + 4:]
-
-
-class RawStream:
-    """Both directions of an upgraded connection, in frames of :mod:`isobox.spec.stream`."""
-
-    def __init__(self, sock: socket.socket, initial: bytes = b"") -> None:
-        self.sock = sock
-        self._reader = frames.FrameReader()
-        self._ready = self._reader.feed(initial) if initial else []
-        self._eof = False
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def recv_frames(self) -> list[tuple[int, bytes]] | None:
-        """The frames one read brings (maybe none yet); None at the end of the stream."""
-        if self._ready:
-            out, self._ready = self._ready, []
-            return out
-        if self._eof:
-            return None
-        data = self.sock.recv(1 << 16)
-        if not data:
-            self._eof = True
-            if self._reader.pending:
-                raise frames.StreamError("connection closed mid-frame")
-            return None
-        return self._reader.feed(data)
-
-    def has_buffered(self) -> bool:
-        return bool(self._ready)
-
-    def frames(self) -> Iterator[tuple[int, bytes]]:
-        while (batch := self.recv_frames()) is not None:
-            yield from batch
-
-    def send_stdin(self, data: bytes) -> None:
-        for i in range(0, len(data), frames.MAX_PAYLOAD):
-            self.sock.sendall(frames.encode(frames.STDIN, data[i:i + frames.MAX_PAYLOAD]))
-
-    def close_stdin(self) -> None:
-        self.sock.sendall(frames.encode_control({"closeStdin": True}))
-
-    def resize(self, rows: int, cols: int) -> None:
-        self.sock.sendall(frames.encode_control({"resize": [rows, cols]}))
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> RawStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

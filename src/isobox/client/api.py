@@ -22,15 +22,14 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, cast
 
-from isobox.client import stream as streams
-from isobox.client._transport import Query, RawStream, Transport, quote_ref
+from isobox.client._transport import Query, Transport, quote_ref
 from isobox.client.errors import ContainerError
 from isobox.errors import InvalidArgument, NotFound
-from isobox.spec import stream as frames
 
 if TYPE_CHECKING:  # types only: the hot path builds none of them (pathlib, wire ~6 ms)
     from pathlib import Path
 
+    from isobox.client.stream import RawStream
     from isobox.spec import wire
 
 SCHEMA_VERSION = "1.0"
@@ -360,6 +359,9 @@ class Container:
         stream: bool = False,
     ) -> ExecResult:
         """Run ``cmd`` in the running container: its exit code and output (docker-py's)."""
+        from isobox.client import stream as streams
+        from isobox.spec import stream as frames
+
         raw = self.exec_stream(cmd, tty=tty, environment=environment, workdir=workdir,
                                user=user)
         wanted = {frames.STDOUT} if stdout else set()
@@ -411,6 +413,9 @@ class ContainerCollection:
         """Create and start. Detached: the :class:`Container`. Otherwise wait for it and
         return its output (stdout, and stderr with ``stderr=True``) as bytes; a non-zero exit
         raises :class:`ContainerError` carrying the exit code and stderr."""
+        from isobox.client import stream as streams
+        from isobox.spec import stream as frames
+
         ct = self.create(image, command, **kwargs)
         if detach:
             try:

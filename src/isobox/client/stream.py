@@ -17,16 +17,71 @@ import errno
 import os
 import selectors  # socket imports it anyway
 import signal
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
 from isobox import errors
-from isobox.client._transport import RawStream, raise_error
+from isobox.client._transport import raise_error
 from isobox.spec import stream as frames
 
 PROXIED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class RawStream:
+    """Both directions of an upgraded connection, in frames of :mod:`isobox.spec.stream`."""
+
+    def __init__(self, sock: socket.socket, initial: bytes = b"") -> None:
+        self.sock = sock
+        self._reader = frames.FrameReader()
+        self._ready = self._reader.feed(initial) if initial else []
+        self._eof = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def recv_frames(self) -> list[tuple[int, bytes]] | None:
+        """The frames one read brings (maybe none yet); None at the end of the stream."""
+        if self._ready:
+            out, self._ready = self._ready, []
+            return out
+        if self._eof:
+            return None
+        data = self.sock.recv(1 << 16)
+        if not data:
+            self._eof = True
+            if self._reader.pending:
+                raise frames.StreamError("connection closed mid-frame")
+            return None
+        return self._reader.feed(data)
+
+    def has_buffered(self) -> bool:
+        return bool(self._ready)
+
+    def frames(self) -> Iterator[tuple[int, bytes]]:
+        while (batch := self.recv_frames()) is not None:
+            yield from batch
+
+    def send_stdin(self, data: bytes) -> None:
+        for i in range(0, len(data), frames.MAX_PAYLOAD):
+            self.sock.sendall(frames.encode(frames.STDIN, data[i:i + frames.MAX_PAYLOAD]))
+
+    def close_stdin(self) -> None:
+        self.sock.sendall(frames.encode_control({"closeStdin": True}))
+
+    def resize(self, rows: int, cols: int) -> None:
+        self.sock.sendall(frames.encode_control({"resize": [rows, cols]}))
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class StreamEnded(errors.IsoboxError):
