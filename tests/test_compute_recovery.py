@@ -21,10 +21,12 @@ from tests.test_compute_service import (
     e2e,
     host_leftovers,
     leftovers,
+    runtime_freed,
     sh,
     short_run,  # noqa: F401 - a fixture
 )
 
+from isobox.compute.db import ComputeDB
 from isobox.compute.service import ComputeService
 from isobox.storage.bootstrap import bootstrap_busybox
 from isobox.storage.store import ImageStore
@@ -136,7 +138,7 @@ def test_running_container_is_adopted(env: Path) -> None:
         assert any("sleep" in p["command"] for p in b.top("keep")["processes"])
         b.kill("keep")
         assert b.wait("keep", timeout=30)["exitCode"] == 137
-        assert {a.kind for a in b.db.allocations(cid)} == {"dir", "scratch", "plan"}
+        assert runtime_freed(b, cid)
         actions = [e["action"] for e in b.events(follow=False, filters={"container": cid})]
         assert actions == ["create", "start", "kill", "die"]
     finally:
@@ -189,5 +191,33 @@ def test_lost_monitor(env: Path, isolation: str) -> None:
         assert b.inspect("orphan")["state"] == "running"
         b.remove("orphan", force=True)
         assert host_leftovers(env, [cid]) == []
+    finally:
+        b.close()
+
+
+@e2e
+def test_exit_recorded_then_crash_before_release(env: Path) -> None:
+    """The exit is recorded before the run's resources are released: a daemon that dies in
+    between leaves a stopped row with runtime records, which the next open frees."""
+    a = opened()
+    cid = a.create(sh("sleep 1000", name="half-released"))["id"]
+    a.start("half-released")
+    mon = monitor_pid(a, cid)
+    a.close()
+    os.kill(mon, signal.SIGKILL)  # nothing of the run is released by its monitor
+    assert gone(mon)
+    db = ComputeDB(env / "state.db")  # as if the crashed daemon had recorded the exit only
+    db.update(cid, state="stopped", pid=0, exit_code=137, signal=9)
+    db.close()
+    assert host_leftovers(env, [cid]) != []
+
+    b = opened()
+    try:
+        assert host_leftovers(env, [cid]) == []
+        assert {x.kind for x in b.db.allocations(cid)} == {"dir", "scratch", "plan"}
+        info = b.inspect("half-released")
+        assert info["state"] == "stopped" and info["exitCode"] == 137
+        b.start("half-released")
+        assert b.inspect("half-released")["state"] == "running"
     finally:
         b.close()

@@ -346,10 +346,12 @@ class Monitor:
         self.plan.socket_path.unlink(missing_ok=True)
 
     def _watch_cgroup(self) -> None:
-        """OOM kills and the pids limit, without polling: inotify on ``pids.events`` and
-        (v1) the OOM eventfd; the memory limit's failures are read at each tick."""
-        from isobox._sys.inotify import Inotify
+        """OOM kills (v1: the OOM eventfd, at once) and the pids and memory limits' failures
+        (read at each tick, and once more before the exit is sent).
 
+        No inotify watch of ``pids.events``: closing an inotify descriptor waits for an SRCU
+        grace period (~13 ms here), on every container's exit path; a limit event within a
+        tick is soon enough."""
         try:
             cg = self.backend.cgroup()
             self._cg = cg
@@ -358,25 +360,14 @@ class Monitor:
         except (IsoboxError, OSError) as exc:
             print(f"monitor: cgroup events unavailable: {exc}", file=sys.stderr)
             return
-        ino = Inotify()
         efds = list(w.eventfds)
 
         def close() -> None:
-            self._unwatch(ino.fd)
-            ino.close()
             for fd in efds:
                 self._unwatch(fd)
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._undo.append(("cgroup events", close))
-        for f in w.files:
-            with contextlib.suppress(IsoboxError):
-                ino.add_watch(f)
-
-        def on_inotify() -> None:
-            ino.read()
-            self._check_counters()
-        self._watch(ino.fd, on_inotify)
         for fd in efds:
             def on_eventfd(fd: int = fd) -> None:
                 with contextlib.suppress(BlockingIOError, OSError):

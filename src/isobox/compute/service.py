@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import secrets
+import select
 import shutil
 import signal as signal_mod
 import threading
@@ -116,6 +117,27 @@ def _alive(pid: int, start: int | None) -> bool:
 
 
 def _wait_gone(pid: int, start: int | None, timeout: float) -> bool:
+    """Until the process ``pid`` (started at ``start``) is gone; False on timeout.
+
+    Woken by a pidfd the moment it exits (no polling interval added to every removal);
+    polled where pidfds are not available."""
+    if not _alive(pid, start):
+        return True
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        fd = -1
+    if fd >= 0:
+        try:
+            # Checked after the open: the descriptor names our process, not a successor.
+            if not _alive(pid, start):
+                return True
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            poller.poll(max(0.0, timeout) * 1000)
+        finally:
+            os.close(fd)
+        return not _alive(pid, start)
     deadline = time.monotonic() + timeout
     delay = 0.002
     while _alive(pid, start):
@@ -207,6 +229,8 @@ class ComputeService:
         self._changed = threading.Condition()
         self._finished: OrderedDict[str, WaitResult] = OrderedDict()
         self._watchers: dict[str, threading.Thread] = {}
+        # cid -> set once the resources of its last run are released (see _finish).
+        self._settling: dict[str, threading.Event] = {}
         self._closing = False
 
     # ---- set-up ------------------------------------------------------------------------
@@ -476,6 +500,8 @@ class ComputeService:
         with self._locked(ref) as row:
             cid = row.id
             lifecycle.check("start", row.state, row.name)
+            if not self._settle(cid):
+                raise Conflict(f"container {row.name}: its last run is still being released")
             iso = isolation or row.isolation
             if iso == "vm":
                 raise IsolationUnavailable(VM_UNAVAILABLE)
@@ -583,26 +609,62 @@ class ComputeService:
             return None
         return data if isinstance(data, dict) else None
 
+    def _settle(self, cid: str, timeout: float = 60.0) -> bool:
+        """Until the runtime resources of the container's last run are released (the exit
+        is recorded before that); False on timeout."""
+        with self._guard:
+            ev = self._settling.get(cid)
+        return ev is None or ev.wait(timeout)
+
     def _finish(self, cid: str, monitor_pid: int, exit_info: dict[str, Any] | None) -> None:
-        """A run ended: free its runtime allocations, record the exit, wake waiters, emit
-        ``die``, and remove an auto-remove container."""
+        """A run ended: record the exit, wake waiters, emit ``die``; then free its runtime
+        allocations and remove an auto-remove container.
+
+        The exit is recorded as soon as it is known: the monitor sends it before it
+        releases what it made (unmounts, the cgroup, ...), which takes tens of
+        milliseconds nobody waiting for the exit code needs to wait for. What would touch
+        those resources meanwhile waits for the release first (:meth:`_settle`: ``start``,
+        ``remove``, a ``cp`` into the stopped container); a daemon that dies in between
+        leaves the records, and :meth:`_recover` frees them."""
         start = None
         for a in self.db.allocations(cid, ["monitor"]):
             if int(a.data.get("pid") or 0) == monitor_pid:
                 start = a.data.get("start")
-        # The monitor writes status.json, tells us, then releases what it made and exits:
-        # give it time to do so before freeing (idempotently) whatever it left.
-        _wait_gone(monitor_pid, start, 10.0)
         if exit_info is None:
+            # No exit from the monitor (it died, or the subscription broke): what it wrote,
+            # if anything, is read once it is gone.
+            _wait_gone(monitor_pid, start, 10.0)
             exit_info = self._read_status(cid)
         error = None
         if exit_info is None:
             exit_info = {"exitCode": LOST_EXIT, "signal": None}
             error = "monitor lost"
+        settled = threading.Event()
+        with self._guard:
+            self._settling[cid] = settled
         try:
-            self._release(cid, RUNTIME_KINDS)
-        except Exception as exc:  # the exit is recorded all the same
-            error = error or f"release after exit: {exc}"
+            changed, row = self._record_exit(cid, exit_info, error)
+            # The monitor releases what it made, then exits: give it time to do so before
+            # freeing (idempotently) whatever it left.
+            _wait_gone(monitor_pid, start, 10.0)
+            try:
+                self._release(cid, RUNTIME_KINDS)
+            except Exception as exc:  # the exit is recorded all the same; remove retries
+                log.warning("container %s: release after exit: %s", cid, exc)
+                if changed and row is not None and row.error is None:
+                    self.db.update(cid, when=["stopped"], error=f"release after exit: {exc}")
+        finally:
+            settled.set()
+            with self._guard:
+                if self._settling.get(cid) is settled:
+                    del self._settling[cid]
+        if changed and row is not None and row.document.get("autoRemove"):
+            with contextlib.suppress(NotFound, Conflict):
+                self.remove(cid, force=True)
+
+    def _record_exit(self, cid: str, exit_info: dict[str, Any], error: str | None
+                     ) -> tuple[bool, ContainerRow | None]:
+        """The run's end in the row, the finished list and the event bus; waiters woken."""
         raw_code = exit_info.get("exitCode")
         code = int(raw_code) if raw_code is not None else LOST_EXIT
         sig = exit_info.get("signal")
@@ -620,12 +682,9 @@ class ComputeService:
                 self._finished.popitem(last=False)
         self._notify()
         row = self.db.get(cid)
-        if not changed or row is None:
-            return
-        self._emit(row, "die", extra={"exitCode": str(code)})
-        if row.document.get("autoRemove"):
-            with contextlib.suppress(NotFound, Conflict):
-                self.remove(cid, force=True)
+        if changed and row is not None:
+            self._emit(row, "die", extra={"exitCode": str(code)})
+        return changed, row
 
     # ---- wait, signals, pause ----------------------------------------------------------
 
@@ -744,6 +803,9 @@ class ComputeService:
                     log.warning("container %s: no exit after SIGKILL; freeing it anyway", cid)
             elif row.state != "removing":
                 lifecycle.check("remove --force" if force else "remove", row.state, row.name)
+            if not self._settle(cid):
+                log.warning("container %s: its last run is still being released; freeing "
+                            "it here too", cid)
             self.db.update(cid, state="removing")
             self._release(cid)
             self.db.delete(cid)
@@ -900,6 +962,8 @@ class ComputeService:
         start can mount it meanwhile). Recorded on the release list before it is made."""
         from isobox._sys import linux
 
+        if not self._settle(row.id):  # the last run's monitor may still be unmounting
+            raise Conflict(f"container {row.name}: its last run is still being released")
         m = self._mounts(row.id)
         cdir = self.container_dir(row.id)
         if writable:
@@ -988,8 +1052,13 @@ class ComputeService:
                         self._watch(cid, mpid, ready, threading.Event())
                     else:
                         self._finish(cid, mpid, self._read_status(cid))
-                elif row.state == "stopped" and row.document.get("autoRemove"):
-                    self.remove(cid, force=True)
+                elif row.state == "stopped":
+                    # The exit was recorded, the daemon went away before the run's
+                    # resources were released: free them now (the monitor first ends).
+                    if self.db.allocations(cid, RUNTIME_KINDS):
+                        self._release(cid, RUNTIME_KINDS)
+                    if row.document.get("autoRemove"):
+                        self.remove(cid, force=True)
             except Exception:
                 log.exception("recovery of container %s (%s) failed", cid, row.state)
 
