@@ -22,7 +22,13 @@ import pytest
 from isobox.client import Client, ContainerError, DaemonUnavailable
 from isobox.client.api import build_document, parse_size
 from isobox.client.stream import StreamEnded, pump
-from isobox.errors import ImageNotFound, InvalidDocument, IsoboxError, NotFound
+from isobox.errors import (
+    ImageNotFound,
+    InvalidDocument,
+    InvalidReference,
+    IsoboxError,
+    NotFound,
+)
 from isobox.spec import stream as frames
 from isobox.spec.compute import parse_document
 
@@ -302,6 +308,248 @@ def test_client_imports_no_pydantic_and_no_engine_code() -> None:
     allowed = {"isobox", "isobox.errors", "isobox.paths", "isobox.spec", "isobox.spec.wire",
                "isobox.spec.stream"}
     assert {m for m in loaded if not m.startswith("isobox.client")} <= allowed, loaded
+
+
+# ---- the HTTP client itself, against a scripted raw socket ----------------------------------
+
+
+class _Scripted:
+    """A unix socket server that reads one request (head and, if asked, its body) and
+    answers it with ``reply(request_bytes, conn)``."""
+
+    def __init__(self, path: Path, reply: Callable[[bytes, Any], None],
+                 read_body: bool = True) -> None:
+        import socket as sk
+
+        self.path = path
+        self.requests: list[bytes] = []
+        self.srv = sk.socket(sk.AF_UNIX, sk.SOCK_STREAM)
+        self.srv.bind(str(path))
+        self.srv.listen(8)
+        self.reply = reply
+        self.read_body = read_body
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                if self.read_body:
+                    data += _read_request_body(conn, data)
+                self.requests.append(data)
+                self.reply(data, conn)
+
+    def close(self) -> None:
+        self.srv.close()
+
+
+def _read_request_body(conn: Any, data: bytes) -> bytes:
+    """The rest of the request body (past what came with the head), as sent."""
+    head, _, first = data.partition(b"\r\n\r\n")
+    headers = head.decode().lower()
+    rest = first
+    if "content-length:" in headers:
+        n = int(headers.split("content-length:")[1].split("\r\n")[0])
+        while len(rest) < n:
+            rest += conn.recv(65536)
+    elif "transfer-encoding: chunked" in headers:
+        while not rest.endswith(b"0\r\n\r\n"):
+            rest += conn.recv(65536)
+    return rest[len(first):]
+
+
+@pytest.fixture
+def scripted(tmp_path: Path) -> Iterator[Callable[..., tuple[Client, _Scripted]]]:
+    servers: list[_Scripted] = []
+
+    def make(reply: Callable[[bytes, Any], None], **kw: Any) -> tuple[Client, _Scripted]:
+        srv = _Scripted(tmp_path / f"s{len(servers)}.sock", reply, **kw)
+        servers.append(srv)
+        return Client(srv.path, timeout=10), srv
+
+    yield make
+    for srv in servers:
+        srv.close()
+
+
+def _send(*parts: bytes, hold: float = 0.0) -> Callable[[bytes, Any], None]:
+    """Send each part in its own write (so reads see them apart), then keep the connection
+    open ``hold`` seconds (keep-alive: the body must end without the close)."""
+    def reply(_req: bytes, conn: Any) -> None:
+        for part in parts:
+            conn.sendall(part)
+            time.sleep(0.01)
+        time.sleep(hold)
+    return reply
+
+
+def test_chunked_answers_are_decoded_across_reads(scripted: Any) -> None:
+    body = json.dumps([{"id": "x" * 40, "state": "running"}] * 50).encode()
+    cut = [body[:7], body[7:2000], body[2000:]]
+    chunks = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(c), c) for c in cut)
+    client, _ = scripted(_send(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks[:5],
+        chunks[5:1000], chunks[1000:], b"0\r\nX-Trailer: 1\r\n\r\n", hold=5))
+    t0 = time.monotonic()
+    assert client.api.request("GET", "/x").json() == json.loads(body)
+    assert time.monotonic() - t0 < 2, "waited for the close of a keep-alive connection"
+
+
+def test_lines_split_across_chunks_and_length_and_close_delimited_bodies(scripted: Any) -> None:
+    client, _ = scripted(_send(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\n{\"a\r\n", b"6\r\n\": 1}\n\r\n9\r\n{\"a\": 2}\n\r\n0\r\n\r\n", hold=5))
+    assert list(client.api.request("GET", "/l").lines()) == [{"a": 1}, {"a": 2}]
+    client, _ = scripted(_send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel", b"lo",
+                               hold=5))
+    assert client.api.request("GET", "/n").read() == b"hello"
+    client, _ = scripted(_send(b"HTTP/1.1 200 OK\r\n\r\n", b"up to ", b"the close"))
+    assert b"".join(client.api.request("GET", "/c").chunks()) == b"up to the close"
+    client, _ = scripted(_send(b"HTTP/1.1 100 Continue\r\n\r\n",
+                               b"HTTP/1.1 204 No Content\r\n\r\n", hold=5))
+    assert client.api.request("POST", "/s", json_body={}).read() == b""
+
+
+def test_a_connection_lost_mid_answer_is_daemon_unavailable(scripted: Any) -> None:
+    client, _ = scripted(_send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort"))
+    with pytest.raises(DaemonUnavailable, match="closed inside the answer"):
+        client.api.request("GET", "/x").read()
+    client, _ = scripted(_send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                               b"10\r\nonly"))
+    with pytest.raises(DaemonUnavailable):
+        client.api.request("GET", "/x").read()
+    client, _ = scripted(_send())
+    with pytest.raises(DaemonUnavailable, match="closed before the answer"):
+        client.ping()
+    client, _ = scripted(_send(b"SMTP hello\r\n\r\n"))
+    with pytest.raises(IsoboxError, match="malformed status line"):
+        client.ping()
+
+
+def test_request_bodies_by_length_and_in_chunks(scripted: Any, tmp_path: Path) -> None:
+    ok = b"HTTP/1.1 204 No Content\r\n\r\n"
+    client, srv = scripted(_send(ok))
+    data = os.urandom(3 << 20)
+    (tmp_path / "blob").write_bytes(data)
+    with open(tmp_path / "blob", "rb") as fh:
+        client.api.request("PUT", "/a", body=fh, length=len(data)).close()
+    head, _, body = srv.requests[-1].partition(b"\r\n\r\n")
+    assert b"Content-Length: %d" % len(data) in head and body == data
+    with open(tmp_path / "blob", "rb") as fh:
+        client.api.request("PUT", "/b", body=fh).close()  # length unknown: chunked
+    head, _, raw = srv.requests[-1].partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    decoded, pos = b"", 0
+    while True:
+        end = raw.index(b"\r\n", pos)
+        size = int(raw[pos:end], 16)
+        if size == 0:
+            break
+        decoded += raw[end + 2:end + 2 + size]
+        pos = end + 4 + size
+    assert decoded == data
+
+
+def test_an_answer_before_the_upload_ends_is_heard(scripted: Any, tmp_path: Path) -> None:
+    """A daemon that refuses an import before reading it (bad tag) answers and closes: the
+    client stops sending and raises the daemon's error, not "went away"."""
+    err = json.dumps({"error": {"kind": "InvalidReference", "message": "bad tag"}}).encode()
+    client, _ = scripted(_send(b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\n\r\n%s"
+                               % (len(err), err)), read_body=False)
+    (tmp_path / "big").write_bytes(b"\0" * (16 << 20))
+    with open(tmp_path / "big", "rb") as fh, pytest.raises(InvalidReference, match="bad tag"):
+        client.api.request("POST", "/images/import", body=fh, length=16 << 20)
+
+
+def test_queries_and_refs_are_encoded_as_urllib_does() -> None:
+    from urllib.parse import quote, urlencode
+
+    from isobox.client._transport import Query, _query, quote_ref
+
+    for ref in ("busybox:latest", "reg.io/a/b:1", "sp ace+plus&amp=é~_.-", "%41"):
+        assert quote_ref(ref) == quote(ref, safe="")
+    query: Query = {"label": ["a=1", "b c", "ü/x"], "force": True, "skip": False, "none": None,
+             "tail": 5, "t": 0.5, "since": "2026-01-01T00:00:00+01:00"}
+    pairs = [("label", "a=1"), ("label", "b c"), ("label", "ü/x"), ("force", "1"),
+             ("tail", "5"), ("t", "0.5"), ("since", "2026-01-01T00:00:00+01:00")]
+    assert _query(query) == "?" + urlencode(pairs)
+    assert _query({}) == _query({"a": None}) == ""
+
+
+def test_what_the_transport_writes_down_matches_the_spec_and_paths(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from isobox.client import _transport
+    from isobox.client.api import SOCKET_NAME, default_socket, default_socket_path
+    from isobox.paths import run_dir
+    from isobox.spec import wire
+
+    assert (_transport.API_VERSION, _transport.STREAM_PROTOCOL) == (
+        wire.API_VERSION, wire.STREAM_PROTOCOL)
+    monkeypatch.delenv("ISOBOX_RUN", raising=False)
+    assert default_socket_path() == str(run_dir() / SOCKET_NAME) == str(default_socket())
+    monkeypatch.setenv("ISOBOX_RUN", "/tmp/elsewhere")
+    assert default_socket_path() == str(run_dir() / SOCKET_NAME) == "/tmp/elsewhere/isoboxd.sock"
+    assert Client().socket_path == run_dir() / SOCKET_NAME
+
+
+def test_autostart_is_tried_once_at_the_first_request(tmp_path: Path) -> None:
+    """No probe at construction; a failed first connect calls the hook, then connects again;
+    after a connect has worked, a lost daemon is an error, not a restart."""
+    from isobox.client._transport import Transport
+
+    sock = tmp_path / "late.sock"
+    calls: list[int] = []
+    servers: list[_Scripted] = []
+
+    def start() -> None:
+        calls.append(1)
+        servers.append(_Scripted(sock, _send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK")))
+
+    t = Transport(sock, 10, on_unavailable=start)
+    assert calls == []
+    assert t.request("GET", "/_ping").read() == b"OK"
+    assert t.request("GET", "/_ping").read() == b"OK"
+    assert calls == [1]
+    servers[0].close()
+    sock.unlink()
+    with pytest.raises(DaemonUnavailable, match="cannot connect"):
+        t.request("GET", "/_ping")
+    assert calls == [1]
+
+
+def test_cli_verbs_load_only_what_they_use(tmp_path: Path) -> None:
+    """ps loads no stream code; neither loads http.client, pathlib, tarfile or the
+    daemon-starting machinery when the daemon answers (here: a fake that lists nothing)."""
+    import subprocess
+    import sys
+
+    srv = _Scripted(tmp_path / "isoboxd.sock", _send(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n[]"))
+    try:
+        code = ("import sys; from isobox.cli.main import main\n"
+                "try:\n    main(['ps'])\nexcept SystemExit:\n    pass\n"
+                "print(sorted(sys.modules))")
+        env = dict(os.environ, ISOBOX_RUN=str(tmp_path))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, env=env).stdout.splitlines()
+    finally:
+        srv.close()
+    assert out[0].startswith("CONTAINER ID")
+    loaded = set(eval(out[-1]))  # noqa: S307 - our own subprocess's repr of a list
+    heavy = {"http.client", "email.parser", "ssl", "pathlib", "tarfile", "tempfile",
+             "subprocess", "isobox.client.daemon", "isobox.client.stream", "isobox.spec.wire",
+             "isobox.spec.stream", "isobox.cli.containers", "termios"}
+    assert not loaded & heavy, loaded & heavy
 
 
 def _wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> None:
