@@ -146,6 +146,12 @@ else
     say "venv: isobox[dev] installed (pyproject.toml unchanged since $(date -r "$STAMP" '+%F %T'))"
 fi
 
+# An editable install compiles nothing, and with PYTHONDONTWRITEBYTECODE set (as on these
+# machines) every `isobox` command would compile isobox's modules from source again
+# (~30 ms of its start). Compile them now; only changed files are recompiled.
+"$VENV/bin/python" -m compileall -q -j 0 "$ROOT/src/isobox" >/dev/null \
+    || die "compiling isobox's modules failed"
+
 # --- 3. the default image -----------------------------------------------------------
 if [[ "${ISOBOX_SETUP_NO_BOOTSTRAP:-0}" == "1" ]]; then
     say "image: bootstrap skipped (ISOBOX_SETUP_NO_BOOTSTRAP=1)"
