@@ -147,6 +147,10 @@ def _start_attached(ct: Container, *, interactive: bool, tty: bool, rm: bool,
         code = pump(raw, stdin=sys.stdin.fileno() if interactive else None, tty=tty,
                     on_signal=forward)
     except IsoboxError as exc:
+        # The start failed after the stream opened (an error frame): --rm still removes.
+        if rm:
+            with contextlib.suppress(IsoboxError):
+                ct.remove(force=True)
         fail(exc, 125)
     if rm:
         # The daemon removes it; return once it is gone, so nothing is left when we exit.

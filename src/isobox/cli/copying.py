@@ -15,7 +15,7 @@ import click
 
 from isobox.cli.common import client
 from isobox.client import Container
-from isobox.errors import InvalidArgument, NotFound
+from isobox.errors import InvalidArgument, IsoboxError, NotFound
 
 
 def _split(arg: str) -> tuple[str | None, str]:
@@ -61,16 +61,19 @@ def _copy_out(ct: Container, src: str, dst: str) -> None:
         spool.seek(0)
         target = Path(dst)
         name = os.path.basename(src.rstrip("/")) or "."
+        # filter="tar": symlinks are copied as links, as docker does (the "data" filter
+        # drops one with an absolute target); names and link-followed paths that leave the
+        # destination are still refused.
         with tarfile.open(fileobj=spool, mode="r:") as tar:
             if target.is_dir():
-                tar.extractall(target, filter="data")
+                tar.extractall(target, filter="tar")
                 return
             # Copy under the new name: extract beside it, then rename the top entry.
             parent = target.absolute().parent
             if not parent.is_dir():
                 raise InvalidArgument(f"{parent}: no such directory")
             with tempfile.TemporaryDirectory(dir=parent, prefix=".isobox-cp-") as tmp:
-                tar.extractall(tmp, filter="data")
+                tar.extractall(tmp, filter="tar")
                 os.replace(Path(tmp, name), target)
 
 
@@ -98,8 +101,11 @@ def cp(src: str, dst: str) -> None:
     if (sc is None) == (dc is None):
         raise InvalidArgument("cp: give CONTAINER:PATH as exactly one of SRC and DST")
     c = client()
-    if sc is not None:
-        _copy_out(c.containers.get(sc), sp, dp)
-    else:
-        assert dc is not None
-        _copy_in(c.containers.get(dc), sp, dp)
+    try:
+        if sc is not None:
+            _copy_out(c.containers.get(sc), sp, dp)
+        else:
+            assert dc is not None
+            _copy_in(c.containers.get(dc), sp, dp)
+    except (OSError, tarfile.TarError) as exc:  # one line, not a traceback
+        raise IsoboxError(f"cp {src} {dst}: {exc}") from exc

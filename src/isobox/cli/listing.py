@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from isobox.cli.common import client
+from isobox.cli.common import client, moment
 from isobox.cli.format import FORMAT, ago, duration, emit_json, human_binary, parse_time, table
 from isobox.errors import InvalidArgument, NotFound
 
@@ -110,8 +110,8 @@ def inspect(refs: tuple[str, ...], kind: str | None) -> None:
 
 @click.command()
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
-@click.option("--since", help="RFC 3339 time or unix seconds.")
-@click.option("--until", help="RFC 3339 time or unix seconds.")
+@click.option("--since", help="RFC 3339 time, unix seconds, or a duration ago (10m, 1h30m).")
+@click.option("--until", help="RFC 3339 time, unix seconds, or a duration ago.")
 @click.option("-n", "--tail", help="Lines from the end (or 'all').")
 @click.option("-t", "--timestamps", is_flag=True)
 @click.argument("ref")
@@ -120,7 +120,8 @@ def logs(ref: str, *, follow: bool, since: str | None, until: str | None, tail: 
     """Print a container's output (stdout to stdout, stderr to stderr)."""
     ct = client().containers.get(ref)
     n = None if tail in (None, "all") else int(tail)
-    entries = ct.logs(stream=True, follow=follow, since=since, until=until, tail=n)
+    entries = ct.logs(stream=True, follow=follow, since=moment(since), until=moment(until),
+                      tail=n)
     assert not isinstance(entries, bytes)
     out, err = sys.stdout.buffer, sys.stderr.buffer
     for e in entries:
@@ -189,8 +190,9 @@ def stats(refs: tuple[str, ...], no_stream: bool, interval: float, fmt: str) -> 
 
 
 @click.command()
-@click.option("--since", help="RFC 3339 time or unix seconds.")
-@click.option("--until", help="RFC 3339 time or unix seconds (ends the stream).")
+@click.option("--since", help="RFC 3339 time, unix seconds, or a duration ago (10m).")
+@click.option("--until", help="RFC 3339 time, unix seconds, or a duration ago (ends the "
+              "stream).")
 @click.option("-f", "--filter", "filters", multiple=True, metavar="KEY=VALUE",
               help="type=, action=, id=, name=, label= (repeatable).")
 @click.option("--no-follow", is_flag=True, help="Print past events, then exit.")
@@ -204,7 +206,7 @@ def events(since: str | None, until: str | None, filters: tuple[str, ...], no_fo
         if not sep:
             raise InvalidArgument(f"filter must be KEY=VALUE, got {item!r}")
         pairs.setdefault(key, []).append(value)
-    stream = client().events(since=since, until=until, filters=pairs,
+    stream = client().events(since=moment(since), until=moment(until), filters=pairs,
                              follow=not no_follow and until is None)
     import json
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import posixpath
 import stat
 import tarfile
 import tempfile
@@ -138,8 +139,15 @@ def _entry(dir_fd: int, name: str, arc: str, links: dict[tuple[int, int], str]) 
 
 def tar_out(root: str, path: str) -> Iterator[bytes]:
     """A tar of ``path`` inside ``root``, named by the path's last component (``.`` for
-    the root itself), streamed as it is read."""
-    parts = inside(root, path)
+    the root itself), streamed as it is read.
+
+    As with ``docker cp``, a last component that is a symlink is copied as the link itself
+    (its folders are resolved inside the root); ``path/`` or ``path/.`` follows it."""
+    base = posixpath.basename(path)
+    if base in ("", ".", ".."):
+        parts = inside(root, path)
+    else:
+        parts = [*inside(root, posixpath.dirname(path) or "/"), base]
     try:
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:

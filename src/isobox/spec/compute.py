@@ -30,12 +30,15 @@ SUPPORTED_VERSIONS = ("1.0",)
 Isolation = Literal["process", "vm", "host"]
 ISOLATIONS: tuple[Isolation, ...] = ("process", "vm", "host")
 
+# Used with fullmatch: ``$`` alone would accept a trailing newline ("id\n" made a folder
+# and a cgroup name with a newline in it).
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 _ID_RE = re.compile(r"^[a-f0-9]{64}$")
 _ENV_RE = re.compile(r"^[^=\x00]+=[^\x00]*$")
 _LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,254}$")
 _USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
 _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_CPUSET_RE = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
 
 
 def _invalid(reason: str) -> PydanticCustomError:
@@ -70,7 +73,7 @@ class ProcessSpec(_Model):
     @classmethod
     def _env(cls, v: list[str]) -> list[str]:
         for i, item in enumerate(v):
-            if not _ENV_RE.match(item):
+            if not _ENV_RE.fullmatch(item):
                 raise _invalid(f"env[{i}] must be KEY=VALUE, got {item!r}")
         return v
 
@@ -82,7 +85,7 @@ class ProcessSpec(_Model):
     @field_validator("user")
     @classmethod
     def _user(cls, v: str | None) -> str | None:
-        if v is not None and not _USER_RE.match(v):
+        if v is not None and not _USER_RE.fullmatch(v):
             raise _invalid(f"user must be NAME|UID[:GROUP|GID], got {v!r}")
         return v
 
@@ -132,7 +135,7 @@ class NetworkSpec(_Model):
     @field_validator("hostname")
     @classmethod
     def _hostname(cls, v: str | None) -> str | None:
-        if v is not None and not _HOSTNAME_RE.match(v):
+        if v is not None and not _HOSTNAME_RE.fullmatch(v):
             raise _invalid(f"invalid hostname {v!r}")
         return v
 
@@ -144,7 +147,22 @@ class ResourcesSpec(_Model):
     cpus: Annotated[float, Field(gt=0, le=1024)] | None = None  # docker's --cpus
     cpu_shares: Annotated[int, Field(ge=2, le=262144)] | None = None  # docker's --cpu-shares
     pids_limit: Annotated[int, Field(ge=1)] | None = None
-    cpuset: str | None = None
+    cpuset: str | None = None  # "0-1,3"
+
+    @field_validator("cpuset")
+    @classmethod
+    def _cpuset(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not _CPUSET_RE.fullmatch(v):
+            raise _invalid(f"cpuset must be a list of CPUs like 0-1,3, got {v!r}")
+        for part in v.split(","):
+            lo, _, hi = part.partition("-")
+            if hi and int(hi) < int(lo):
+                raise _invalid(f"cpuset range {part!r} runs backwards")
+            if int(hi or lo) >= 4096:
+                raise _invalid(f"cpuset CPU {hi or lo} is out of range")
+        return v
 
 
 class ComputeSystem(_Model):
@@ -174,14 +192,14 @@ class ComputeSystem(_Model):
     @field_validator("id")
     @classmethod
     def _id(cls, v: str | None) -> str | None:
-        if v is not None and not _ID_RE.match(v):
+        if v is not None and not _ID_RE.fullmatch(v):
             raise _invalid("id must be 64 lowercase hex characters")
         return v
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str | None) -> str | None:
-        if v is not None and not _NAME_RE.match(v):
+        if v is not None and not _NAME_RE.fullmatch(v):
             raise _invalid(f"invalid name {v!r}: [a-zA-Z0-9][a-zA-Z0-9_.-]*, at most 128")
         return v
 
@@ -196,7 +214,7 @@ class ComputeSystem(_Model):
     @classmethod
     def _labels(cls, v: dict[str, str]) -> dict[str, str]:
         for k in v:
-            if not _LABEL_KEY_RE.match(k):
+            if not _LABEL_KEY_RE.fullmatch(k):
                 raise _invalid(f"invalid label key {k!r}")
         return v
 
