@@ -40,6 +40,18 @@ DEFAULT_CAPS = [
     "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
 ]
 ALLOW_ALL: dict[str, Any] = {"defaultAction": "SCMP_ACT_ALLOW"}
+# run_filtered loads through libseccomp (seccomp_load), or the frozen program with seccomp(2)
+# (Filter.freeze: what containers get); tests marked with the ``loaders`` fixture run both.
+LOADER = {"frozen": False}
+
+
+@pytest.fixture(params=["libseccomp", "frozen"])
+def loaders(request: pytest.FixtureRequest) -> Iterable[None]:
+    LOADER["frozen"] = request.param == "frozen"
+    try:
+        yield
+    finally:
+        LOADER["frozen"] = False
 
 
 @dataclass
@@ -64,6 +76,8 @@ def run_filtered(profile: Mapping[str, Any], argv: list[str], *, private_mounts:
                  nnp: bool = True, timeout: float = 120) -> Result:
     """Compile ``profile``, fork, load it in the child, exec ``argv``; wait and collect."""
     filt = S.compile_filter(profile)
+    if LOADER["frozen"]:
+        filt.freeze()
     try:
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             pid = os.fork()
@@ -135,6 +149,7 @@ def probe(profile: Mapping[str, Any], calls: dict[str, str]) -> dict[str, int]:
 # ---- the default profile: what it blocks ------------------------------------------------
 
 
+@pytest.mark.usefixtures("loaders")
 def test_default_profile_blocks_namespaces_mounts_keys_and_ptrace(tmp_path: Path) -> None:
     got = probe(default(), {
         "unshare": "libc.unshare(0x20000)",
@@ -172,6 +187,7 @@ def test_the_blocked_calls_work_without_the_filter(tmp_path: Path) -> None:
                    "clone3": errno.EFAULT}
 
 
+@pytest.mark.usefixtures("loaders")
 def test_default_profile_shell_commands_get_eperm() -> None:
     r = busybox(default(), "unshare -m true; echo unshare=$?; "
                            "mount -t tmpfs x /mnt; echo mount=$?", private_mounts=True)
@@ -204,6 +220,7 @@ def test_default_profile_runs_dash_and_coreutils() -> None:
     assert r.stdout.split("\n")[:4] == ["ok", "Seccomp:\t2", "600", "done"], str(r)
 
 
+@pytest.mark.usefixtures("loaders")
 def test_default_profile_runs_threaded_python() -> None:
     r = python(default(), """
         import threading, queue
@@ -342,6 +359,7 @@ def test_personality_is_allowed_for_listed_values_only() -> None:
                    "read_implies_exec": errno.EPERM}
 
 
+@pytest.mark.usefixtures("loaders")
 def test_errno_ret_is_honoured() -> None:
     profile: dict[str, Any] = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
         {"names": ["getpriority"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EXDEV},
@@ -356,6 +374,7 @@ def test_errno_ret_is_honoured() -> None:
     assert probe(profile, {"keyctl": "libc.syscall(250, 0, -3, 1)"}) == {"keyctl": errno.ENXIO}
 
 
+@pytest.mark.usefixtures("loaders")
 def test_args_of_a_rule_are_anded_and_a_repeated_argument_is_ored() -> None:
     def eq(index: int, value: int) -> dict[str, Any]:
         return {"index": index, "value": value, "op": "SCMP_CMP_EQ"}
@@ -399,6 +418,7 @@ os._exit(0)
 
 
 @pytest.mark.parametrize("action", ["SCMP_ACT_KILL_PROCESS", "SCMP_ACT_TRAP"])
+@pytest.mark.usefixtures("loaders")
 def test_kill_process_and_trap_end_the_process_with_sigsys(action: str) -> None:
     # KILL_PROCESS takes the whole process down, whichever thread made the call; TRAP's
     # SIGSYS, unhandled, does too.
@@ -409,6 +429,7 @@ def test_kill_process_and_trap_end_the_process_with_sigsys(action: str) -> None:
     assert r.stdout == "before\n"
 
 
+@pytest.mark.usefixtures("loaders")
 def test_kill_thread_kills_only_the_calling_thread() -> None:
     profile = {"defaultAction": "SCMP_ACT_ALLOW",
                "syscalls": [{"names": ["getpriority"], "action": "SCMP_ACT_KILL"}]}
@@ -447,14 +468,18 @@ def test_filter_exports_bpf_and_releases() -> None:
         filt.export_bpf()
 
 
+@pytest.mark.usefixtures("loaders")
 def test_the_filter_leaves_no_new_privs_to_the_runtime() -> None:
     # CTL_NNP is 0: loading (as root, CAP_SYS_ADMIN) does not set no_new_privs by itself
     r = busybox(ALLOW_ALL, "grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status", nnp=False)
     assert r.stdout == "NoNewPrivs:\t0\nSeccomp:\t2\n", str(r)
 
 
-def test_load_without_no_new_privs_or_cap_sys_admin_is_refused() -> None:
+@pytest.mark.parametrize("frozen", [False, True])
+def test_load_without_no_new_privs_or_cap_sys_admin_is_refused(frozen: bool) -> None:
     filt = S.compile_filter(ALLOW_ALL)
+    if frozen:
+        filt.freeze()
     try:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
@@ -512,3 +537,75 @@ def test_invalid_documents_name_the_field(profile: dict[str, Any], field: str,
     with pytest.raises(InvalidDocument, match=field) as info:
         S.compile_filter({"defaultAction": "SCMP_ACT_ALLOW", **profile})
     assert word in str(info.value)
+
+
+# ---- compiled once, frozen ---------------------------------------------------------------
+
+
+def test_a_frozen_filter_is_the_program_libseccomp_would_load() -> None:
+    profile = default()
+    with S.compile_filter(profile) as fresh:
+        bpf = fresh.export_bpf()
+    filt = S.compile_filter(profile).freeze()
+    assert filt.frozen and filt.export_bpf() == bpf
+    assert (filt.unknown, filt.rules) == (S.compile_filter(profile).unknown,
+                                          S.compile_filter(profile).rules)
+    filt.release()  # nothing to free: the program stays loadable
+    assert filt.export_bpf() == bpf
+
+
+def test_compile_cached_is_once_per_profile() -> None:
+    a = S.compile_cached(default())
+    assert S.compile_cached(default()) is a and a.frozen
+    other = default()
+    other["defaultErrnoRet"] = errno.ENXIO  # any change of the profile: its own program
+    b = S.compile_cached(other)
+    assert b is not a and b.export_bpf() != a.export_bpf()
+    assert probe(other, {"keyctl": "libc.syscall(250, 0, -3, 1)"}) == {"keyctl": errno.ENXIO}
+    with pytest.raises(InvalidDocument):
+        S.compile_cached({"defaultAction": "SCMP_ACT_NOPE"})  # errors are not cached away
+
+
+@pytest.mark.usefixtures("loaders")
+def test_flags_reach_the_kernel() -> None:
+    # TSYNC from a threaded process: every thread gets the filter (seccomp(2)'s flag).
+    profile = {"defaultAction": "SCMP_ACT_ALLOW",
+               "flags": ["SECCOMP_FILTER_FLAG_TSYNC", "SECCOMP_FILTER_FLAG_LOG"],
+               "syscalls": [{"names": ["getpriority"], "action": "SCMP_ACT_ERRNO",
+                             "errnoRet": errno.EXDEV}]}
+    filt = S.compile_filter(profile)
+    if LOADER["frozen"]:
+        filt.freeze()
+        assert filt.kernel_flags == 1 | 2
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            import ctypes
+            import threading
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            go, done = threading.Event(), threading.Event()
+            seen: list[int] = []
+
+            def other() -> None:
+                go.wait()
+                ctypes.set_errno(0)
+                libc.getpriority(0, 0)
+                seen.append(ctypes.get_errno())
+                done.set()
+
+            threading.Thread(target=other, daemon=True).start()
+            L.prctl(L.PR_SET_NO_NEW_PRIVS, 1)
+            filt.load()
+            go.set()
+            done.wait(10)
+            code = 0 if seen == [errno.EXDEV] else 3
+        finally:
+            os._exit(code)
+    os.close(r)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    filt.release()
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -64,6 +64,22 @@ def _preload() -> None:
     import isobox.spec.compute
     import isobox.spec.runtime  # noqa: F401
 
+    _warm_seccomp()
+
+
+def _warm_seccomp() -> None:
+    """The engine's default seccomp profile compiled once here: every monitor forked from
+    this zygote inherits the program instead of compiling it again (a cache keyed by the
+    whole profile: a container with another profile compiles its own)."""
+    from isobox._sys import seccomp
+    from isobox.errors import IsoboxError
+    from isobox.spec.runtime import DEFAULT_CAPABILITIES
+
+    try:
+        seccomp.compile_cached(seccomp.default_profile(DEFAULT_CAPABILITIES))
+    except (IsoboxError, OSError) as exc:  # no libseccomp: each start reports it
+        print(f"zygote: seccomp profile not precompiled: {exc}", file=sys.stderr)
+
 
 def _fork_monitor(plan_path: str) -> int:
     """Double fork + setsid; returns the read end of the readiness pipe."""

@@ -127,7 +127,8 @@ def enter_cwd(proc: Process) -> None:
 
 
 def compile_seccomp(proc: Process) -> Filter | None:
-    """The process's seccomp filter, compiled by libseccomp.
+    """The process's seccomp filter, compiled by libseccomp into its BPF program, once per
+    distinct profile in this process and its forks (``seccomp.compile_cached``).
 
     Called by the runtime *before* it forks into the container: after ``pivot_root`` (or
     ``setns`` into the container's mount namespace) neither isobox's modules nor libseccomp
@@ -136,7 +137,7 @@ def compile_seccomp(proc: Process) -> Filter | None:
         return None
     from isobox._sys import seccomp
 
-    return seccomp.compile_filter(proc.seccomp)
+    return seccomp.compile_cached(proc.seccomp)
 
 
 def exec_process(proc: Process, trampoline: int, keep_fds: set[int],
