@@ -179,3 +179,33 @@ def test_write_read_round_trip(mounts: Mounts, tmp_path: Path) -> None:
         read_plan(path)
     with pytest.raises(NotFound):
         read_plan(tmp_path / "missing.json")
+
+
+def test_rewrite_only_when_changed(mounts: Mounts, tmp_path: Path) -> None:
+    plan = plan_of(doc(process={"args": ["true"]}), image(), mounts, tmp_path)
+    path = tmp_path / "plan.json"
+    write_plan(plan, path)
+    first = os.stat(path)
+    write_plan(plan, path)  # the same plan: the file is left as it is
+    assert os.stat(path).st_ino == first.st_ino
+    plan.host = {"args": ["other"]}
+    write_plan(plan, path)  # a changed one replaces it, whole and 0600
+    assert read_plan(path) == plan and os.stat(path).st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith("json")) == [
+        "plan.json"]
+
+
+def test_the_monitor_gets_the_precompiled_default_profile(mounts: Mounts,
+                                                          tmp_path: Path) -> None:
+    """The zygote compiles the engine's default profile once (spawner._warm_seccomp); a
+    plan's profile, as the monitor converts it, must be that very profile (same key), or
+    every start would compile it again."""
+    from isobox._sys import seccomp
+    from isobox.silo.config import from_oci
+    from isobox.spec.runtime import DEFAULT_CAPABILITIES, parse_config
+
+    plan = plan_of(doc(process={"args": ["true"]}), image(), mounts, tmp_path)
+    silo = from_oci(parse_config(json.dumps(plan.oci)), tmp_path)
+    assert silo.process.seccomp is not None
+    assert seccomp.profile_key(silo.process.seccomp) == seccomp.profile_key(
+        seccomp.default_profile(DEFAULT_CAPABILITIES))

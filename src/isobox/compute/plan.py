@@ -27,7 +27,7 @@ import contextlib
 import json
 import os
 import stat
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,14 +79,32 @@ class Plan:
 
 
 def write_plan(plan: Plan, path: Path) -> None:
-    """Atomically (temp file + rename), 0600: the plan holds the process's environment."""
-    data = {"version": PLAN_VERSION, **asdict(plan)}
+    """Complete or not at all (temp file + rename), 0600: the plan holds the process's
+    environment.
+
+    Cheap, as it runs at every create and start: one C ``json.dumps`` of the fields as they
+    are (``asdict`` would deep-copy the whole OCI config, and ``json.dump`` encodes in
+    Python: ~3 ms); a plan equal to the one in place is not written again; and a changed one
+    is renamed to a free name, the old one removed first, because ext4 flushes the new
+    file's data to disk when a rename *replaces* a file (``auto_da_alloc``: ~1.3 ms). A
+    crash in between leaves no plan, never a partial one; the next start writes it anew,
+    and nothing but the monitor spawned after this call reads it."""
+    data = {"version": PLAN_VERSION, **{f.name: getattr(plan, f.name) for f in fields(plan)}}
+    raw = json.dumps(data).encode()
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(len(raw) + 1) == raw:
+                return
+    except FileNotFoundError:
+        pass
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
-        os.replace(tmp, path)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(raw)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.rename(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

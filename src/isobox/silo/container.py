@@ -30,7 +30,7 @@ import os
 import re
 import select
 import signal
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -145,8 +145,11 @@ class Container:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)  # a leftover of a killed save: O_EXCL below makes it anew, 0600
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        # The fields hold JSON data already (dicts, lists, scalars): no ``asdict``, which
+        # deep-copies the process and its seccomp profile at each of the four saves.
+        state = {f.name: getattr(self.state, f.name) for f in fields(self.state)}
         with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(asdict(self.state)))
+            fh.write(json.dumps(state))
         os.replace(tmp, self.dir / "state.json")
 
     @classmethod
