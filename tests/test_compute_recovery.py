@@ -179,7 +179,10 @@ def test_lost_monitor(env: Path, isolation: str) -> None:
     os.kill(mon, signal.SIGKILL)  # the monitor dies without cleaning up anything
     assert gone(mon)
     left = host_leftovers(env, [cid])
-    assert any(x.startswith("pid ") for x in left) and any(cid in x for x in left), left
+    # Its root mount is left; so are its processes, except that a host job's own reaper
+    # (isobox.jobs.reaper) may have killed them already when its owner died.
+    assert any(cid in x for x in left), left
+    assert isolation == "host" or any(x.startswith("pid ") for x in left), left
 
     b = opened()
     try:

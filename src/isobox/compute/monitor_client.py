@@ -123,9 +123,16 @@ class MonitorClient:
         return int(self._handoff("exec", sock, {"process": spec}).get("pid", 0))
 
     def subscribe(self) -> Iterator[dict[str, Any]]:
-        """Control frames: ``{"event": ...}`` as they happen, ``{"exit": status}`` last."""
+        """Control frames: ``{"event": ...}`` as they happen, ``{"exit": status}`` last.
+
+        The subscription is made by this call, not at the first read: what happens after
+        it returns (a kill, say) is seen, even if the monitor ends before the first read."""
         sock, _ = self.open_stream("subscribe")
         sock.settimeout(None)
+        return self._frames(sock)
+
+    @staticmethod
+    def _frames(sock: socket.socket) -> Iterator[dict[str, Any]]:
         with contextlib.closing(sock):
             while True:
                 try:
