@@ -355,3 +355,35 @@ def test_v2_limits_need_their_controller(on_v2: None) -> None:
 def test_v2_nothing_left_after_the_owner_is_killed_9(on_v2: None) -> None:
     with _owner_killed(f"killed2-{os.getpid()}") as (dirs, sleeper):
         _wait_gone(dirs, sleeper)
+
+
+# ---- prime_attach: a no-op move of the caller into its own cgroup ------------------------
+
+
+@pytest.mark.root
+def test_prime_attach_moves_nothing() -> None:
+    from isobox.jobs import cgroup as C
+
+    before = Path("/proc/self/cgroup").read_text()
+    assert C.prime_attach() is True
+    assert Path("/proc/self/cgroup").read_text() == before
+
+
+def test_prime_attach_writes_only_where_the_caller_is(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hierarchy mounted from below its root (a container's view) makes the path in
+    /proc/self/cgroup point at some other folder: it must not be written."""
+    from isobox.jobs import cgroup as C
+
+    own = Path("/proc/self/cgroup").read_text().splitlines()[0].split(":", 2)
+    point = tmp_path / "mnt"
+    folder = point / own[2].lstrip("/")
+    folder.mkdir(parents=True)
+    (folder / "cgroup.procs").write_text("1\n2\n")  # not us
+    fstype = "cgroup2" if own[1] == "" else "cgroup"
+    monkeypatch.setattr(C, "_mounts", lambda: [(str(point), fstype, own[1] or "rw")])
+    assert C.prime_attach() is False
+    assert (folder / "cgroup.procs").read_text() == "1\n2\n"
+    (folder / "cgroup.procs").write_text(f"1\n{os.getpid()}\n")  # us: a move to itself
+    assert C.prime_attach() is True
+    assert (folder / "cgroup.procs").read_text() == "0"

@@ -116,6 +116,13 @@ def zygote_main(fd: int) -> None:
     os.close(null)
     _close_fds_except({0, 1, 2, fd})
     _preload()
+    from isobox.jobs.cgroup import prime_attach
+
+    # What the preload made is frozen too: each monitor's _close_fds_except collects only
+    # what it made itself (a full collection of the engine's objects took ~4 ms a start),
+    # and pages the collector would touch stay shared with the zygote.
+    gc.collect()
+    gc.freeze()
     sock = socket.socket(fileno=fd)
     while True:
         try:
@@ -139,6 +146,9 @@ def zygote_main(fd: int) -> None:
             break
         finally:
             os.close(r)
+        # While the monitor sets up, the grace period its container's move into a cgroup
+        # would wait for (5-20 ms) passes here instead (we are idle until the next request).
+        prime_attach()
 
 
 class Spawner:

@@ -196,6 +196,39 @@ def _own(controller: str | None) -> str:
     return "/"
 
 
+def prime_attach() -> bool:
+    """Have the kernel's grace period for the next move into a cgroup start now.
+
+    Every write to a ``cgroup.procs`` takes the global ``cgroup_threadgroup_rwsem`` for
+    writing; when nobody took it for ~50 ms, that first waits for an RCU grace period
+    (``rcu_sync_enter``: 5-20 ms on this host), and moves in the following ~50 ms do not.
+    A process with time to spare (the monitors' zygote, right after it forked one) moves
+    itself into its own cgroup — a move to where it is, which changes nothing — so that a
+    container's move moments later finds the grace period passed, or under way. The
+    target is checked to hold this process first: it is never moved anywhere else.
+    Best effort: False when it did nothing."""
+    try:
+        with open("/proc/self/cgroup") as fh:
+            own = [line.rstrip("\n").split(":", 2) for line in fh]
+        mounts = _mounts()
+        me = str(os.getpid())
+        for _id, ctrls, path in own:
+            for point, fstype, opts in mounts:
+                if ctrls == "" and fstype != "cgroup2":
+                    continue
+                if ctrls and (fstype != "cgroup"
+                              or not set(ctrls.split(",")) <= set(opts.split(","))):
+                    continue
+                procs = Path(point) / path.lstrip("/") / "cgroup.procs"
+                if me not in _read(procs).split():
+                    continue  # mounted elsewhere than its root: not our folder
+                _write(procs, "0")
+                return True
+    except (OSError, ValueError, IsoboxError):
+        pass
+    return False
+
+
 class Cgroup:
     """Interface of a job's cgroup; see CgroupV1 and CgroupV2."""
 
