@@ -352,10 +352,14 @@ class Monitor:
         No inotify watch of ``pids.events``: closing an inotify descriptor waits for an SRCU
         grace period (~13 ms here), on every container's exit path; a limit event within a
         tick is soon enough."""
+        from isobox.jobs.cgroup import Counters
+
         try:
             cg = self.backend.cgroup()
             self._cg = cg
-            self._cg_counters = cg.read()
+            # The backend made the cgroup just now: every counter starts at 0 (no read of
+            # a dozen files on the way to the start).
+            self._cg_counters = Counters()
             w = cg.watches()
         except (IsoboxError, OSError) as exc:
             print(f"monitor: cgroup events unavailable: {exc}", file=sys.stderr)
