@@ -118,18 +118,60 @@ class MountSpec(_Model):
         return v
 
 
+class PortSpec(_Model):
+    """``-p [IP:]HOSTPORT:CTRPORT[/tcp|udp]``."""
+
+    host_ip: str = ""
+    host_port: Annotated[int, Field(ge=1, le=65535)]
+    container_port: Annotated[int, Field(ge=1, le=65535)]
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+    @field_validator("host_ip")
+    @classmethod
+    def _host_ip(cls, v: str) -> str:
+        if v:
+            import ipaddress
+
+            try:
+                if ipaddress.ip_address(v).version != 4:
+                    raise _invalid(f"hostIp must be an IPv4 address, got {v!r}")
+            except ValueError as exc:
+                raise _invalid(f"hostIp must be an IPv4 address, got {v!r}") from exc
+        return v
+
+
+_NET_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}")
+
+
 class NetworkSpec(_Model):
-    """``none``: a network namespace with loopback only; ``host``: the host's network.
-    (The networking issue adds named NAT networks.)"""
+    """``mode``: ``none`` (loopback only), ``host`` (the host's network), ``default`` (the
+    engine's default NAT network), the name of a network, or ``container:<ref>`` (join that
+    running container's network namespace)."""
 
     mode: str = "none"
     hostname: str | None = None
+    ports: list[PortSpec] = Field(default_factory=list)
+    rate: Annotated[int, Field(ge=1024)] | None = None  # egress bytes/s
+    aliases: list[str] = Field(default_factory=list)
 
     @field_validator("mode")
     @classmethod
     def _mode(cls, v: str) -> str:
-        if v not in ("none", "host"):
-            raise _invalid(f"network mode must be none or host, got {v!r}")
+        if v.startswith("container:"):
+            if not v[len("container:"):]:
+                raise _invalid("network mode container: needs a container")
+            return v
+        if not _NET_NAME_RE.fullmatch(v):
+            raise _invalid(f"invalid network mode {v!r}: none, host, default, a network "
+                           "name or container:<ref>")
+        return v
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, v: list[str]) -> list[str]:
+        for a in v:
+            if not _HOSTNAME_RE.fullmatch(a):
+                raise _invalid(f"invalid alias {a!r}")
         return v
 
     @field_validator("hostname")

@@ -111,6 +111,42 @@ class Event(TypedDict):
     attributes: dict[str, str]
 
 
+class PortMap(TypedDict):
+    """A published port: ``hostIp:hostPort`` on the host → ``containerPort`` inside."""
+
+    hostIp: str  # "" or "0.0.0.0": every host address, 127.0.0.1 included
+    hostPort: int
+    containerPort: int
+    protocol: Literal["tcp", "udp"]
+
+
+class Endpoint(TypedDict):
+    """One container on one network."""
+
+    containerId: str
+    network: str  # name
+    networkId: str
+    ip: str
+    prefixLen: int
+    gateway: str
+    mac: str
+    hostVeth: str  # host side of the veth pair ("" until attached)
+    ports: list[PortMap]
+    rate: int | None  # egress bytes/s
+
+
+class NetworkInfo(TypedDict):
+    id: str
+    name: str
+    subnet: str  # CIDR
+    gateway: str
+    bridge: str
+    internal: bool
+    labels: dict[str, str]
+    createdAt: str
+    endpoints: dict[str, str]  # container id -> ip
+
+
 class ImageInfo(TypedDict):
     id: str  # sha256:... of the config
     tags: list[str]
