@@ -101,13 +101,25 @@ def exit_status(status: int) -> tuple[int, int | None]:
     return os.waitstatus_to_exitcode(status), None
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, data: dict[str, Any], *, sync: bool = True) -> None:
+    """Complete or not at all; on disk before returning unless ``sync`` is False (then
+    :func:`sync_file` later)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+        fh.write(json.dumps(data))
+        if sync:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def sync_file(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @dataclass
@@ -552,6 +564,7 @@ class Monitor:
                 conn.closing = True
                 self._flush(conn)
             self.subscribers.clear()
+            sync_file(self.plan.status_path)
             self.done = True
             self.end_deadline = time.monotonic() + FLUSH_TIMEOUT
 
@@ -561,7 +574,9 @@ class Monitor:
             main.log.close()
         self.exit = {"version": 1, "exitCode": code, "signal": sig, "error": self.error,
                      "startedAt": self.started_at, "finishedAt": now_ts()}
-        write_json_atomic(self.plan.status_path, self.exit)
+        # Visible to every reader now; made durable just after the exit is sent (the
+        # disk flush is not on the way of whoever waits for the exit code).
+        write_json_atomic(self.plan.status_path, self.exit, sync=False)
 
     def _timers(self) -> float:
         """Run what is due; the time until the next thing is due."""
