@@ -1,0 +1,1 @@
+"""isobox.network: NAT networks, IPAM, port publishing (the Host Networking Service)."""
