@@ -1052,15 +1052,61 @@ class ComputeService:
                         self._watch(cid, mpid, ready, threading.Event())
                     else:
                         self._finish(cid, mpid, self._read_status(cid))
-                elif row.state == "stopped":
-                    # The exit was recorded, the daemon went away before the run's
-                    # resources were released: free them now (the monitor first ends).
+                else:  # created or stopped
+                    if self.db.allocations(cid, ["monitor"]) and self._recover_start(row):
+                        continue
+                    # The exit was recorded (or the run never began), the daemon went away
+                    # before the run's resources were released: free them now (the monitor
+                    # first ends).
                     if self.db.allocations(cid, RUNTIME_KINDS):
                         self._release(cid, RUNTIME_KINDS)
-                    if row.document.get("autoRemove"):
+                    if row.state == "stopped" and row.document.get("autoRemove"):
                         self.remove(cid, force=True)
             except Exception:
                 log.exception("recovery of container %s (%s) failed", cid, row.state)
+
+    def _recover_start(self, row: ContainerRow) -> bool:
+        """A row not running that still has a monitor: the daemon died inside ``start``.
+
+        The monitor says where that start got to. Running (or paused): the row says so and
+        a watcher follows it, as for an adopted running row. Still ``created`` (its process
+        waits for a start that will never come): the monitor is told to end (SIGTERM: it
+        kills the waiting process and undoes what it made), so that a later ``start`` does
+        not race an orphan on the same socket, rootfs and cgroup. Gone (or ended) with an
+        exit of this run on disk that the row does not have yet: that exit is recorded.
+        Returns True when the run is now tracked; False leaves the release to the caller."""
+        cid = row.id
+        mons = self.db.allocations(cid, ["monitor"])
+        mpid = int(mons[0].data.get("pid") or 0)
+        start = mons[0].data.get("start")
+        try:
+            status: dict[str, Any] | None = self._client(row).status()
+        except (IsoboxError, OSError):
+            status = None
+        state = str(status.get("state")) if status is not None else None
+        if status is not None and state in ACTIVE:
+            self.db.update(cid, state=state, pid=int(status.get("pid") or 0),
+                           started_at=status.get("startedAt") or format_time(now_ns()),
+                           finished_at=None, exit_code=None, signal=None, error=None)
+            ready = threading.Event()
+            ready.set()
+            self._watch(cid, mpid, ready, threading.Event())
+            return True
+        if state == "created":
+            with contextlib.suppress(ProcessLookupError):
+                if _alive(mpid, start):
+                    os.kill(mpid, signal_mod.SIGTERM)
+            _wait_gone(mpid, start, 10.0)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.container_dir(cid) / "status.json")  # of the kill, no run
+            return False
+        last = self._read_status(cid)
+        if (last is not None and last.get("startedAt")
+                and last.get("finishedAt") != row.finished_at):
+            self.db.update(cid, state="running")
+            self._finish(cid, mpid, last)
+            return True
+        return False
 
 
 def _kill_cgroup(name: str) -> None:
