@@ -257,15 +257,30 @@ _CTTY = ("import os,sys,fcntl,termios\n"
          "os.execvp(sys.argv[1], sys.argv[1:])\n")
 
 
-def _which(argv0: str, env: list[str], cwd: str) -> None:
+# A program that cannot be run still makes a run, as in process isolation: this stands in
+# for it, says why on its stderr and exits 126 (not executable) or 127 (not found).
+_CANNOT_RUN = "import sys; sys.stderr.write(sys.argv[1] + '\\n'); sys.exit(int(sys.argv[2]))"
+
+
+def _exec_problem(argv0: str, env: list[str], cwd: str) -> tuple[int, str] | None:
+    """Why ``argv0`` cannot be executed, with docker's exit code for it; None if it can."""
     if "/" in argv0:
         path = argv0 if argv0.startswith("/") else os.path.join(cwd, argv0)
-        if not os.access(path, os.X_OK) or os.path.isdir(path):
-            raise NotFound(f"executable {argv0!r} not found")
-        return
+        if not os.path.exists(path):
+            return 127, f"executable {argv0!r} not found"
+        if os.path.isdir(path) or not os.access(path, os.X_OK):
+            return 126, f"{argv0!r} cannot be executed: permission denied"
+        return None
     search = next((e[5:] for e in env if e.startswith("PATH=")), os.defpath)
     if shutil.which(argv0, path=search) is None:
-        raise NotFound(f"executable {argv0!r} not found in the image's or the host's PATH")
+        return 127, f"executable {argv0!r} not found in the image's or the host's PATH"
+    return None
+
+
+def _which(argv0: str, env: list[str], cwd: str) -> None:
+    problem = _exec_problem(argv0, env, cwd)
+    if problem is not None:
+        raise NotFound(problem[1])
 
 
 class HostBackend:
@@ -291,7 +306,6 @@ class HostBackend:
 
         h = self.plan.host
         _check_dir(self.plan.rootfs, h["cwd"][len(self.plan.rootfs):] or "/")
-        _which(h["args"][0], h["env"], h["cwd"])
         self.job = Job(self.plan.id, limits=Limits(**self.plan.limits), kill_on_close=True)
         self.io = io
         if not io.tty:
@@ -324,8 +338,13 @@ class HostBackend:
 
     def start(self) -> int:
         h = self.plan.host
+        argv = list(h["args"])
+        problem = _exec_problem(argv[0], h["env"], h["cwd"])
+        if problem is not None:
+            argv = [sys.executable, "-I", "-S", "-c", _CANNOT_RUN,
+                    f"isobox: {problem[1]}", str(problem[0])]
         try:
-            self.proc = self._spawn(list(h["args"]), list(h["env"]), h["cwd"],
+            self.proc = self._spawn(argv, list(h["env"]), h["cwd"],
                                     self._identity(), io=self.io, slave=self._slave)
         finally:
             if self._slave >= 0:
