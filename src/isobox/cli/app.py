@@ -42,6 +42,7 @@ _LAZY: dict[str, tuple[str, str, str]] = {
     "save": ("images", "save", "Write an image as an OCI or docker archive."),
     "rmi": ("images", "rmi", "Remove images."),
     "tag": ("images", "tag", "Give an image another name."),
+    "network": ("networks", "network", "Manage networks (create, ls, inspect, rm)."),
 }
 
 

@@ -55,8 +55,16 @@ def create_options(f: _F) -> _F:
         click.option("--pids-limit", type=int, help="Process/thread limit."),
         click.option("--isolation", type=click.Choice(ISOLATIONS),
                      help="process (default), vm or host."),
-        click.option("--network", type=click.Choice(["none", "host"]),
-                     help="none (loopback only, default) or host."),
+        click.option("--network", metavar="MODE",
+                     help="default (the NAT network isobox), none (loopback only), host, "
+                          "a network's NAME, or container:ID (share its network)."),
+        click.option("-p", "--publish", "ports", multiple=True,
+                     metavar="[IP:]HOSTPORT:CTRPORT[/tcp|udp]",
+                     help="Publish a container port on the host (repeatable)."),
+        click.option("--network-rate", metavar="BYTES/s",
+                     help="Egress rate limit of the container (1m, 512k)."),
+        click.option("--network-alias", "network_aliases", multiple=True, metavar="NAME",
+                     help="Another name of the container on its network (repeatable)."),
         click.option("-l", "--label", "labels", multiple=True, metavar="KEY=VALUE"),
         click.option("--entrypoint", help="Replace the image's entrypoint ('' clears it)."),
         click.option("-i", "--interactive", is_flag=True, help="Keep stdin open."),
@@ -86,12 +94,24 @@ def _document_options(o: dict[str, Any]) -> dict[str, Any]:
         "pids_limit": o["pids_limit"],
         "isolation": o["isolation"],
         "network_mode": o["network"],
+        "ports": list(o["ports"]) or None,
+        "network_rate": _rate(o["network_rate"]),
+        "network_aliases": list(o["network_aliases"]) or None,
         "labels": list(o["labels"]),
         "entrypoint": None if entrypoint is None else ([entrypoint] if entrypoint else []),
         "stdin_open": o["interactive"],
         "tty": o["tty"],
         "auto_remove": o["rm"],
     }
+
+
+def _rate(text: str | None) -> int | None:
+    """``--network-rate``: bytes per second, ``1m``, ``512k`` (a trailing ``/s`` too)."""
+    if text is None:
+        return None
+    from isobox.client.api import parse_size
+
+    return parse_size(text.removesuffix("/s"))
 
 
 _RUN_CONTEXT = {"allow_interspersed_args": False}

@@ -13,6 +13,8 @@ from isobox.client.api import (
     ExecResult,
     Image,
     ImageCollection,
+    Network,
+    NetworkCollection,
 )
 from isobox.client.errors import ContainerError, DaemonUnavailable
 from isobox.errors import (
@@ -42,5 +44,7 @@ __all__ = [
     "InvalidDocument",
     "InvalidReference",
     "IsoboxError",
+    "Network",
+    "NetworkCollection",
     "NotFound",
 ]

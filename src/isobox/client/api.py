@@ -131,6 +131,40 @@ def _mounts(
     return out
 
 
+def parse_publish(spec: str) -> dict[str, Any]:
+    """``[IP:]HOSTPORT:CTRPORT[/tcp|udp]`` (the CLI's ``-p``) as a port of the document."""
+    body, _, proto = spec.partition("/")
+    proto = proto or "tcp"
+    parts = body.rsplit(":", 2)
+    if proto not in ("tcp", "udp") or len(parts) < 2:
+        raise InvalidArgument(f"invalid port {spec!r}: [IP:]HOSTPORT:CTRPORT[/tcp|udp]")
+    host_ip = parts[0] if len(parts) == 3 else ""
+    try:
+        host_port, ctr_port = int(parts[-2]), int(parts[-1])
+    except ValueError:
+        raise InvalidArgument(f"invalid port {spec!r}: [IP:]HOSTPORT:CTRPORT[/tcp|udp]"
+                              ) from None
+    return {"hostIp": host_ip, "hostPort": host_port, "containerPort": ctr_port,
+            "protocol": proto}
+
+
+def _ports(ports: Mapping[str | int, Any] | Sequence[str] | None) -> list[dict[str, Any]]:
+    """``["8080:80", "127.0.0.1:53:53/udp"]``, or docker-py's ``{"80/tcp": 8080}`` with a
+    host port, an ``(ip, port)`` pair or a list of them as values."""
+    if ports is None:
+        return []
+    if not isinstance(ports, Mapping):
+        return [parse_publish(p) for p in ports]
+    out: list[dict[str, Any]] = []
+    for key, value in ports.items():
+        ctr, _, proto = str(key).partition("/")
+        for v in value if isinstance(value, list) else [value]:
+            ip, port = (v[0], v[1]) if isinstance(v, tuple) else ("", v)
+            out.append(parse_publish(f"{ip}:{port}:{ctr}/{proto or 'tcp'}" if ip
+                                     else f"{port}:{ctr}/{proto or 'tcp'}"))
+    return out
+
+
 def build_document(
     image: str,
     command: str | Sequence[str] | None = None,
@@ -145,6 +179,10 @@ def build_document(
     stdin_open: bool = False,
     hostname: str | None = None,
     network_mode: str | None = None,
+    network: str | None = None,
+    ports: Mapping[str | int, Any] | Sequence[str] | None = None,
+    network_rate: int | str | None = None,
+    network_aliases: Sequence[str] | None = None,
     mounts: Sequence[str | Mapping[str, Any]] | None = None,
     volumes: Mapping[str, Mapping[str, str]] | Sequence[str] | None = None,
     labels: Mapping[str, str] | Sequence[str] | None = None,
@@ -156,7 +194,11 @@ def build_document(
     read_only: bool = False,
     auto_remove: bool = False,
 ) -> dict[str, Any]:
-    """The compute-system document (wire version 1.0) for these docker-py-style options."""
+    """The compute-system document (wire version 1.0) for these docker-py-style options.
+
+    ``network`` (or ``network_mode``): ``none``, ``host``, ``default``, a network's name or
+    ``container:<ref>``; ``ports``: see :func:`_ports`; ``network_rate``: egress bytes/s
+    (``"1m"``, ``"512k"``)."""
     process: dict[str, Any] = {"env": _env(environment), "tty": tty, "stdin": stdin_open}
     if (args := _args(command)) is not None:
         process["args"] = args
@@ -166,11 +208,17 @@ def build_document(
         process["cwd"] = working_dir
     if user:
         process["user"] = user
-    network: dict[str, Any] = {}
-    if network_mode:
-        network["mode"] = network_mode
+    net: dict[str, Any] = {}
+    if network or network_mode:
+        net["mode"] = network or network_mode
     if hostname:
-        network["hostname"] = hostname
+        net["hostname"] = hostname
+    if ports:
+        net["ports"] = _ports(ports)
+    if network_rate is not None:
+        net["rate"] = parse_size(network_rate)
+    if network_aliases:
+        net["aliases"] = list(network_aliases)
     resources: dict[str, Any] = {}
     if mem_limit is not None:
         resources["memory"] = parse_size(mem_limit)
@@ -191,8 +239,8 @@ def build_document(
         doc["name"] = name
     if isolation:
         doc["isolation"] = isolation
-    if network:
-        doc["network"] = network
+    if net:
+        doc["network"] = net
     if resources:
         doc["resources"] = resources
     return doc
@@ -603,6 +651,69 @@ def _tar_folder(folder: Path, out: BinaryIO) -> None:
             tar.add(child, arcname=child.name)
 
 
+class Network:
+    """One network; ``attrs`` is its ``NetworkInfo`` as last fetched."""
+
+    def __init__(self, client: Client, attrs: wire.NetworkInfo) -> None:
+        self.client = client
+        self.attrs = attrs
+
+    def __repr__(self) -> str:
+        return f"<Network {self.short_id} {self.name} {self.attrs['subnet']}>"
+
+    @property
+    def id(self) -> str:
+        return self.attrs["id"]
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+    @property
+    def name(self) -> str:
+        return self.attrs["name"]
+
+    @property
+    def containers(self) -> dict[str, str]:
+        """Container id -> its address on this network."""
+        return dict(self.attrs["endpoints"])
+
+    def reload(self) -> None:
+        self.attrs = self.client.networks.get(self.id).attrs
+
+    def remove(self) -> None:
+        self.client.networks.remove(self.id)
+
+
+class NetworkCollection:
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def create(self, name: str, *, subnet: str | None = None, internal: bool = False,
+               labels: Mapping[str, str] | None = None) -> Network:
+        """A NAT network (``internal``: no route out); its subnet from a free pool when not
+        given."""
+        body: dict[str, Any] = {"name": name, "internal": internal,
+                                "labels": dict(labels or {})}
+        if subnet:
+            body["subnet"] = subnet
+        info = self.client.api.request("POST", "/networks", json_body=body).json()
+        return Network(self.client, info)
+
+    def get(self, ref: str) -> Network:
+        """By id, id prefix or name."""
+        return Network(self.client, self.client.api.request(
+            "GET", f"/networks/{quote_ref(ref)}").json())
+
+    def list(self) -> builtins.list[Network]:
+        infos = self.client.api.request("GET", "/networks").json()
+        return [Network(self.client, i) for i in infos]
+
+    def remove(self, ref: str) -> None:
+        """Conflict while a container is on it."""
+        self.client.api.request("DELETE", f"/networks/{quote_ref(ref)}").close()
+
+
 class Client:
     """A connection to ``isoboxd`` (``$ISOBOX_RUN/isoboxd.sock`` unless told otherwise).
 
@@ -618,6 +729,7 @@ class Client:
                              on_unavailable=self._start_daemon if autostart else None)
         self.containers = ContainerCollection(self)
         self.images = ImageCollection(self)
+        self.networks = NetworkCollection(self)
 
     @property
     def socket_path(self) -> Path:
