@@ -427,10 +427,17 @@ def test_host_kill_before_start(launch: Launcher) -> None:
     assert_released(box)
 
 
-def test_host_missing_program_fails_create(launch: Launcher) -> None:
-    plan = launch.plan({"args": ["no-such-program-here"]}, isolation="host")
-    with pytest.raises(NotFound, match="no-such-program-here"):
-        launch.spawner.spawn(Path(plan.container_dir) / "plan.json")
-    assert not Path(plan.run_dir).exists() and not Path(plan.rootfs).exists()
-    assert not any(os.path.exists(d) for d in detect(plan.id).dirs())
-    launch.store.release_scratch(plan.id)
+@pytest.mark.parametrize(("argv0", "code"), [("no-such-program-here", 127),
+                                              ("/etc/passwd", 126)])
+def test_host_program_that_cannot_run_exits_126_127(launch: Launcher, argv0: str,
+                                                    code: int) -> None:
+    """As process isolation (and docker): the run happens and ends with 127 (not found) or
+    126 (not executable), in the exit frame and status.json, with why on stderr."""
+    box = launch({"args": [argv0]}, isolation="host")
+    sock, _ = box.client.open_stream("attach")
+    box.client.start()
+    out, err, ex = read_stream(sock)
+    assert ex == {"exitCode": code, "signal": None}
+    assert out == b"" and argv0.encode() in err
+    assert box.wait_status()["exitCode"] == code
+    assert_released(box)
