@@ -441,3 +441,27 @@ def test_host_program_that_cannot_run_exits_126_127(launch: Launcher, argv0: str
     assert out == b"" and argv0.encode() in err
     assert box.wait_status()["exitCode"] == code
     assert_released(box)
+
+
+def test_host_mounts_below_the_mount_point_and_read_only_root(launch: Launcher,
+                                                              tmp_path: Path) -> None:
+    """Mapped folders are bound below the sandbox mount point (read-only when asked), the
+    root is read-only with readOnly, and every bind is gone after the run."""
+    rw, ro = tmp_path / "rw", tmp_path / "ro"
+    rw.mkdir()
+    ro.mkdir()
+    (ro / "f").write_text("ro\n")
+    script = ('m=$ISOBOX_SANDBOX_MOUNT_POINT; cat $m/ro/f; echo hi > $m/rw/out; '
+              'touch $m/ro/x 2>/dev/null || echo RO-BIND; touch $m/new 2>/dev/null '
+              '|| echo RO-ROOT')
+    box = launch({"args": ["sh", "-c", script]}, isolation="host", readOnly=True,
+                 mounts=[{"source": str(rw), "destination": "/rw"},
+                         {"source": str(ro), "destination": "/ro", "readOnly": True}])
+    sock, _ = box.client.open_stream("attach")
+    box.client.start()
+    out, err, ex = read_stream(sock)
+    assert (out, ex["exitCode"]) == (b"ro\nRO-BIND\nRO-ROOT\n", 0), err
+    assert (rw / "out").read_text() == "hi\n" and not (ro / "x").exists()
+    assert_released(box)
+    with open("/proc/self/mountinfo") as fh:
+        assert not [line for line in fh if box.plan.rootfs in line]

@@ -158,6 +158,16 @@ def test_host_plan(mounts: Mounts, tmp_path: Path) -> None:
                                            cpu_rate=cpu_rate_from_cpus(1))
 
 
+def test_host_plan_mounts_and_read_only(mounts: Mounts, tmp_path: Path) -> None:
+    d = doc(process={"args": ["true"]}, readOnly=True,
+            mounts=[{"source": "/srv/a", "destination": "/a", "readOnly": True},
+                    {"source": "/srv/b", "destination": "/b"}])
+    h = plan_of(d, image(), mounts, tmp_path, isolation="host").host
+    assert h["readOnly"] is True
+    assert h["mounts"] == [{"source": "/srv/a", "destination": "/a", "readOnly": True},
+                           {"source": "/srv/b", "destination": "/b", "readOnly": False}]
+
+
 def test_unsupported_isolation(mounts: Mounts, tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="vm"):
         plan_of(doc(process={"args": ["true"]}), image(), mounts, tmp_path, isolation="vm")

@@ -283,6 +283,14 @@ def _which(argv0: str, env: list[str], cwd: str) -> None:
         raise NotFound(problem[1])
 
 
+def _remount_read_only(target: str) -> None:
+    """Make the mount at ``target`` read-only, keeping its nosuid/nodev/noexec."""
+    from isobox._sys import linux as L
+
+    keep = os.statvfs(target).f_flag & (L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
+    L.mount(None, target, None, L.MS_REMOUNT | L.MS_BIND | L.MS_RDONLY | keep)
+
+
 class HostBackend:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
@@ -294,6 +302,7 @@ class HostBackend:
         self.io = ChildIO()
         self._slave = -1
         self.pid = 0
+        self._binds: list[str] = []  # mount points of the mapped folders, in order made
 
     def _j(self) -> Job:
         if self.job is None:
@@ -306,6 +315,7 @@ class HostBackend:
 
         h = self.plan.host
         _check_dir(self.plan.rootfs, h["cwd"][len(self.plan.rootfs):] or "/")
+        self._mount()
         self.job = Job(self.plan.id, limits=Limits(**self.plan.limits), kill_on_close=True)
         self.io = io
         if not io.tty:
@@ -313,6 +323,54 @@ class HostBackend:
         master, self._slave = os.openpty()
         os.set_blocking(master, False)
         return master
+
+    def _mount(self) -> None:
+        """The document's mapped folders bound below the sandbox mount point (each
+        destination resolved inside the root: an image's symlink cannot send a bind to a
+        host path), read-only when asked; then the root itself read-only with ``readOnly``.
+        The binds are undone by :meth:`release`; the root's flag goes with its mount."""
+        from isobox._sys import linux as L
+        from isobox.silo.rootfs import secure_join
+
+        root = os.path.realpath(self.plan.rootfs)
+        for m in self.plan.host.get("mounts") or []:
+            src, dest = str(m["source"]), str(m["destination"])
+            if not os.path.exists(src):
+                raise NotFound(f"mount source {src!r} does not exist")
+            target = secure_join(root, dest)
+            try:
+                if not os.path.lexists(target):
+                    if os.path.isdir(src):
+                        os.makedirs(target, mode=0o755)
+                    else:
+                        os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+                        with open(target, "a"):
+                            pass
+            except OSError as exc:
+                raise InvalidArgument(f"mount destination {dest!r} cannot be made: "
+                                      f"{exc.strerror}") from exc
+            if os.path.realpath(target) != target:
+                raise InvalidArgument(f"mount destination {dest!r} leaves the container's "
+                                      f"root")
+            L.mount(src, target, None, L.MS_BIND | L.MS_REC)
+            self._binds.append(target)
+            L.mount(None, target, None, L.MS_PRIVATE | L.MS_REC)
+            if m.get("readOnly"):
+                _remount_read_only(target)
+        if self.plan.host.get("readOnly"):
+            _remount_read_only(root)
+
+    def _unmount(self) -> None:
+        from isobox._sys import linux as L
+        from isobox.errors import SystemError_
+
+        while self._binds:
+            target = self._binds.pop()
+            try:
+                L.umount2(target, L.MNT_DETACH)
+            except SystemError_ as exc:
+                if exc.errno not in (22, 2):  # EINVAL: not mounted; ENOENT: no such path
+                    raise
 
     def _spawn(self, argv: list[str], env: list[str], cwd: str, ident: Identity, *,
                io: ChildIO, slave: int) -> subprocess.Popen[bytes]:
@@ -408,3 +466,4 @@ class HostBackend:
         if self.job is not None:
             self.job.close()  # kill-on-close: every process of the job
             self.job = None
+        self._unmount()

@@ -16,7 +16,8 @@ Process isolation gets a complete OCI runtime config (``oci``): the engine's def
 paths), the engine's default seccomp profile, mapped directories as recursive binds, and
 ``linux.resources`` from the document. Host isolation gets ``host`` (argv, environment,
 working directory, identity) and ``limits`` (the fields of :class:`isobox.jobs.Limits`):
-the image's files are reached at the root's mount point, named by
+the image's files (with the mapped folders bound below them, and read-only with
+``readOnly``) are reached at the root's mount point, named by
 ``ISOBOX_SANDBOX_MOUNT_POINT`` (Windows' ``CONTAINER_SANDBOX_MOUNT_POINT``), and the image's
 ``PATH`` entries are prefixed with it, ahead of the host's ``PATH``.
 """
@@ -331,6 +332,11 @@ def build_plan(
     else:
         ident = _host_identity(user)
         plan.host = _host_process(argv, env, cwd, ident=ident, rootfs=rootfs, tty=p.tty)
+        # Mapped folders below the sandbox mount point (as Windows' HostProcess containers
+        # have them), and a read-only root: the host backend makes both.
+        plan.host["mounts"] = [{"source": m.source, "destination": m.destination,
+                                "readOnly": m.read_only} for m in doc.mounts]
+        plan.host["readOnly"] = doc.read_only
         plan.limits = host_limits(doc)
     return plan
 
