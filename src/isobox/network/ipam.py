@@ -147,7 +147,7 @@ class Ipam:
 
     def networks(self) -> list[NetRow]:
         return [NetRow.of(r) for r in self.db.query(
-            "SELECT * FROM networks ORDER BY created_at, id")]
+            "SELECT * FROM networks ORDER BY rowid")]
 
     def find(self, ref: str) -> NetRow:
         """A full id, a name, or a unique id prefix."""
