@@ -22,7 +22,7 @@ import pytest
 
 from isobox.errors import Conflict, InvalidArgument, NotFound
 from isobox.network import links, nft
-from isobox.network.ipam import pick_subnet
+from isobox.network.ipam import pick_subnet, veth_name
 from isobox.network.service import NetworkService
 from isobox.spec.wire import PortMap
 from netkit import (
@@ -439,3 +439,28 @@ def test_concurrent_reservations_never_share_an_address(kit: Kit) -> None:
     services[1].close()
     assert len(got) == len(set(got)) == 61  # a /26 holds 62 hosts, one is the gateway
     assert len(errors) == 160 - 61
+
+
+def test_failed_attach_undoes_what_it_made(kit: Kit) -> None:
+    kit.create("n1")
+    before = kit.state()
+    cid = secrets.token_hex(32)
+    kit.owners.add(f"ep:{cid}")
+    ep = kit.svc.reserve(cid, "c", "n1")
+    kit.veths.add(veth_name(cid, ep["networkId"]))
+    dead = kit.netns()
+    path = dead.path
+    dead.close()
+    from isobox.errors import IsoboxError
+
+    with pytest.raises(IsoboxError):
+        kit.svc.attach(ep, path, ports=[PortMap(hostIp="", hostPort=free_port(),
+                                                containerPort=80, protocol="tcp")])
+    assert kit.state() == before
+    # the reservation stays until the caller releases it; a retry may attach
+    assert kit.svc.get("n1")["endpoints"] == {cid: ep["ip"]}
+    live = kit.netns()
+    got = kit.svc.attach(ep, live.path)
+    assert got["hostVeth"] and live.ping(got["gateway"])
+    kit.svc.release(cid)
+    assert kit.state() == before

@@ -166,11 +166,14 @@ def write_sysctl(key: str, value: str) -> None:
 
 
 def attach_veth(*, host: str, bridge: str, netns: str, mac: str, ip: str, prefix: int,
-                gateway: str, mtu: int | None = None, rate: int | None = None) -> None:
+                gateway: str, rate: int | None = None) -> None:
     """A veth pair: ``host`` on ``bridge`` (up), its peer made directly as ``eth0`` inside the
     namespace at ``netns`` with ``mac``, ``ip/prefix``, up, default route via ``gateway``, lo
     up, and a tbf qdisc of ``rate`` bytes/s when given. On failure the pair is deleted."""
-    nsfd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        nsfd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SystemError_("open network namespace", netns, exc.errno or 0) from exc
     try:
         with rtnl() as ipr:
             br = link_index(ipr, bridge)
