@@ -313,7 +313,11 @@ def test_kill_9_midway_leaves_a_usable_store(tmp_path: Path, isobox_env: Path) -
     big = [f(f"d{i // 100}/f{i}", rng.randbytes(20_000)) for i in range(3000)]
     oci_layout(tmp_path / "img", [tar_bytes(BASE), tar_bytes(big)])
     env = {**os.environ, "ISOBOX_ROOT": str(isobox_env)}
-    cmd = [sys.executable, "-m", "isobox.cli.main", "import", str(tmp_path / "img"), "big:1"]
+    # The import runs in the process that is killed (the CLI would hand it to isoboxd).
+    script = ("import sys; from pathlib import Path; from isobox.storage.store import ImageStore; "
+              "from isobox.storage.importer import import_path; "
+              "import_path(ImageStore(), Path(sys.argv[1]), 'big:1')")
+    cmd = [sys.executable, "-c", script, str(tmp_path / "img")]
     proc = subprocess.Popen(cmd, env=env)
     staging = isobox_env / "tmp"
     deadline = time.monotonic() + 60
