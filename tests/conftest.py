@@ -9,6 +9,7 @@ missing capability can never pass silently.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -202,6 +203,70 @@ def isobox_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     monkeypatch.setenv("ISOBOX_ROOT", str(root))
     monkeypatch.setenv("ISOBOX_RUN", str(run))
     yield root
+    # A CLI call in the test may have started an isoboxd for this root (autostart): stop it,
+    # or every such test would leave a daemon and its zygote running.
+    stop_daemons_under(tmp_path)
+
+
+def _daemon_run_dir(pid: int) -> str | None:
+    """The ISOBOX_RUN of an isoboxd process (its --run, else its environment), or None."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    text = [a.decode(errors="replace") for a in argv]
+    if not any(a.endswith("isoboxd") or a == "isobox.api.daemon" for a in text[:4]):
+        return None
+    if "--run" in text[:-1]:
+        return text[text.index("--run") + 1]
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in env:
+        if item.startswith(b"ISOBOX_RUN="):
+            return item[len(b"ISOBOX_RUN="):].decode(errors="replace")
+    return None
+
+
+def stop_daemons_under(base: Path, timeout: float = 10.0) -> list[int]:
+    """SIGTERM (then SIGKILL) every isoboxd whose run folder is below ``base``; their
+    containers' monitors are left to the test's own checks. Returns the pids stopped."""
+    import signal
+    import time
+
+    prefix = str(base).rstrip("/") + "/"
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        run = _daemon_run_dir(int(entry.name))
+        if run is not None and (run + "/").startswith(prefix):
+            pids.append(int(entry.name))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                break  # gone
+            if state == "Z":
+                break  # exited; its parent reaps it
+            time.sleep(0.02)
+        with contextlib.suppress(ProcessLookupError):
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_daemon_outlives_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Module-scoped fixtures may start daemons too: none outlives the test session."""
+    yield
+    stop_daemons_under(tmp_path_factory.getbasetemp())
 
 
 def set_paths(doc: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
