@@ -16,13 +16,15 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, cast
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from isobox.errors import Conflict, InvalidArgument
 from isobox.spec import wire
@@ -73,11 +75,23 @@ class ImageServiceAPI(Protocol):
     def bootstrap(self, kind: str = "busybox") -> wire.ImageInfo: ...
 
 
+class NetworkServiceAPI(Protocol):
+    """What the API calls on :class:`isobox.network.NetworkService`."""
+
+    def create(self, name: str, *, subnet: str | None = None, internal: bool = False,
+               labels: dict[str, str] | None = None) -> wire.NetworkInfo: ...
+    def get(self, ref: str) -> wire.NetworkInfo: ...
+    def list(self) -> list[wire.NetworkInfo]: ...
+    def remove(self, ref: str) -> None: ...
+
+
 class Service(Protocol):
     """What the API calls on :class:`isobox.compute.service.ComputeService`."""
 
     @property
     def images(self) -> ImageServiceAPI: ...
+    @property
+    def networks(self) -> NetworkServiceAPI: ...
     def info(self) -> wire.DaemonInfo: ...
     def create(self, doc: ComputeSystem) -> wire.CreateResult: ...
     def start(self, ref: str, *, isolation: str | None = None,
@@ -123,6 +137,34 @@ class BootstrapRequest(BaseModel):
     kind: str = "busybox"
 
 
+_NET_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}")
+#: Names a network may not have: they are network modes of the document.
+RESERVED_NETWORK_NAMES = ("none", "host", "default")
+
+
+class NetworkCreateRequest(BaseModel):
+    """``POST /v1/networks``: a NAT network (``internal``: no route out)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    subnet: str | None = None  # IPv4 CIDR; none: a free /24 of the pool
+    internal: bool = False
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NET_NAME_RE.fullmatch(v):
+            raise PydanticCustomError(
+                "isobox_invalid", "{reason}",
+                {"reason": f"invalid network name {v!r}: [a-zA-Z0-9][a-zA-Z0-9_.-]*, at most 64"})
+        if v in RESERVED_NETWORK_NAMES:
+            raise PydanticCustomError(
+                "isobox_invalid", "{reason}",
+                {"reason": f"{v!r} is a network mode, not a name a network may have"})
+        return v
+
+
 def _need_upgrade(req: Request) -> None:
     if not req.wants_upgrade:
         raise HTTPError(400, f"this call streams: send Upgrade: {STREAM_PROTOCOL} and "
@@ -166,6 +208,7 @@ def _spool(body: io.RawIOBase, tmp_dir: Path, limit: int) -> BinaryIO:
 _REF = "the container: a full id, a unique id prefix, or a name"
 _CS = ("compute-systems",)
 _IMG = ("images",)
+_NET = ("networks",)
 
 
 def build_router(service: Service, *, tmp_dir: Path | None = None) -> Router:
@@ -462,6 +505,36 @@ def build_router(service: Service, *, tmp_dir: Path | None = None) -> Router:
     def images_tag(req: Request) -> Response:
         body = req.model(TagRequest, "tag request")
         service.images.tag(req.params["ref"], body.tag)
+        return Reply(status=204)
+
+    # --- networks
+
+    @r.route("POST", "/v1/networks", RouteDoc(
+        "Create a NAT network", body=NetworkCreateRequest, responses={201: wire.NetworkInfo},
+        tags=_NET))
+    def networks_create(req: Request) -> Response:
+        body = req.model(NetworkCreateRequest, "network")
+        return Reply(service.networks.create(body.name, subnet=body.subnet,
+                                             internal=body.internal,
+                                             labels=dict(body.labels)), 201)
+
+    @r.route("GET", "/v1/networks", RouteDoc(
+        "List networks (the default one once it was used)",
+        responses={200: list[wire.NetworkInfo]}, tags=_NET))
+    def networks_list(req: Request) -> Response:
+        return Reply(service.networks.list())
+
+    @r.route("GET", "/v1/networks/{ref}", RouteDoc(
+        "Inspect a network (id, id prefix or name): its endpoints by container",
+        responses={200: wire.NetworkInfo}, tags=_NET))
+    def networks_inspect(req: Request) -> Response:
+        return Reply(service.networks.get(req.params["ref"]))
+
+    @r.route("DELETE", "/v1/networks/{ref}", RouteDoc(
+        "Remove a network (409 while a container is on it)", responses={204: None},
+        tags=_NET))
+    def networks_remove(req: Request) -> Response:
+        service.networks.remove(req.params["ref"])
         return Reply(status=204)
 
     return r

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from isobox import __version__
-from isobox.compute import lifecycle
+from isobox.compute import lifecycle, network_glue
 from isobox.compute.db import Allocation, ComputeDB, ContainerRow
 from isobox.compute.events import EventBus, Filters, format_time, now_ns
 from isobox.compute.lifecycle import ACTIVE
@@ -71,6 +71,7 @@ if TYPE_CHECKING:
     from isobox.compute.images import ImageService
     from isobox.compute.monitor_client import MonitorClient
     from isobox.compute.spawner import Spawner
+    from isobox.network.service import NetworkService
     from isobox.spec.image import ImageConfig
     from isobox.storage.store import ImageStore, Mounts
 
@@ -80,7 +81,7 @@ log = logging.getLogger(__name__)
 RUNNABLE = ("process", "host")
 VM_UNAVAILABLE = "vm isolation is not available yet (utility VMs arrive with the uvm issue)"
 #: Kinds of allocation that belong to one run (released when it ends), newest first.
-RUNTIME_KINDS = ("monitor", "mount", "cgroup", "rundir")
+RUNTIME_KINDS = ("monitor", "mount", "cgroup", "rundir", network_glue.ENDPOINT_KIND)
 #: Exit code recorded when a container's monitor vanished without writing status.json.
 LOST_EXIT = 255
 _FINISHED_KEPT = 1024
@@ -224,6 +225,7 @@ class ComputeService:
         self._db: ComputeDB | None = None
         self._bus: EventBus | None = None
         self._images: ImageService | None = None
+        self._networks: NetworkService | None = None
         self._guard = threading.Lock()
         self._locks: dict[str, threading.RLock] = {}
         self._changed = threading.Condition()
@@ -252,7 +254,11 @@ class ComputeService:
         self._store = ImageStore(self.root)
         self._db = ComputeDB(self.root / "state.db")
         self._bus = EventBus(self._db)
+        from isobox.network.service import NetworkService
+
+        self._networks = NetworkService(self.root / "state.db", self.run)
         self._recover()
+        self._recover_network()
 
     def close(self) -> None:
         """Stop serving; running containers keep running (their monitors outlive us)."""
@@ -267,6 +273,8 @@ class ComputeService:
         # Watchers check _closing before they write; one caught mid-write logs an error.
         if self._db is not None:
             self._db.close()
+        if self._networks is not None:
+            self._networks.close()
         if self._store is not None:
             self._store.close()
 
@@ -294,6 +302,13 @@ class ComputeService:
         if self._bus is None:
             raise IsoboxError("the compute service is not open")
         return self._bus
+
+    @property
+    def networks(self) -> NetworkService:
+        """The Host Networking Service (``isobox.network``): networks, endpoints, IPAM."""
+        if self._networks is None:
+            raise IsoboxError("the compute service is not open")
+        return self._networks
 
     @property
     def images(self) -> ImageService:
@@ -383,6 +398,8 @@ class ComputeService:
             _kill_cgroup(str(d["name"]))
         elif a.kind == "rundir":
             _rmtree(Path(d["path"]))
+        elif a.kind == network_glue.ENDPOINT_KIND:
+            network_glue.release(self.networks, cid)
         else:
             log.warning("container %s: unknown allocation kind %r left alone", cid, a.kind)
 
@@ -410,6 +427,7 @@ class ComputeService:
         """
         if doc.isolation == "vm":
             raise IsolationUnavailable(VM_UNAVAILABLE)
+        network_glue.check(doc, doc.isolation)
         image = self.store.get(doc.image)
         config_bytes = self.store.blobs.read_bytes(image.config_digest)
         cid = doc.id or secrets.token_hex(32)
@@ -515,10 +533,22 @@ class ComputeService:
             plan = build_plan(doc, self._image_config(cid), self._mounts(cid),
                               container_id=cid, name=row.name, isolation=iso,
                               container_dir=cdir, run_dir=rdir)
+            net = network_glue.decide(doc, iso, cid, self._netns_of)
+            network_glue.apply_to_plan(
+                plan, net, join_dir=self.container_dir(net.join_id) if net.join_id else None)
             plan_path = cdir / "plan.json"
             write_plan(plan, plan_path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(cdir / "status.json")  # the last run's; the new one writes its own
+            endpoint = None
+            if net.kind == "network":
+                # First on the run's release list, so freed last: after the monitor ended.
+                self.db.record(cid, network_glue.ENDPOINT_KIND, {"network": net.network})
+                try:
+                    endpoint = network_glue.reserve(self.networks, net, cid, row.name, cdir)
+                except BaseException:
+                    self._release(cid, RUNTIME_KINDS)
+                    raise
             self.db.record(cid, "cgroup", {"name": cid})
             self.db.record(cid, "rundir", {"path": str(rdir)})
             rdir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -539,6 +569,10 @@ class ComputeService:
             self._watch(cid, mpid, ready, abort)
             try:
                 client = self._client(row)
+                if endpoint is not None:
+                    # The namespace exists, the process waits: wire it before it runs.
+                    init_pid = int(client.status().get("pid") or 0)
+                    network_glue.attach(self.networks, endpoint, net, init_pid)
                 if attach is not None:
                     client.attach(attach, stdin=stdin, stdout=True, stderr=True)
                 pid = client.start()
@@ -559,6 +593,15 @@ class ComputeService:
             started = self.db.get(cid) or row
         self._notify()
         self._emit(started, "start")
+
+    def _netns_of(self, ref: str) -> tuple[str, int, str]:
+        """(id, first process, isolation) of the running container a ``container:<ref>``
+        run joins."""
+        other = self.db.resolve(ref)
+        if other.state not in ("running", "paused") or other.pid <= 0:
+            raise Conflict(f"network mode container:{ref}: container {other.name} is "
+                           f"{other.state}, not running")
+        return other.id, other.pid, other.isolation
 
     # ---- watchers: one thread per running container ------------------------------------
 
@@ -868,6 +911,7 @@ class ComputeService:
             run=str(self.run), cgroupVersion=2 if cg2 else 1,
             isolations={"process": "available", "host": "available", "vm": VM_UNAVAILABLE},
             accelerator=None, containers=self.db.counts(), images=len(self.store.images()),
+            networks=len(self.networks.list()),
         )
 
     # ---- through the monitor -----------------------------------------------------------
@@ -1020,6 +1064,15 @@ class ComputeService:
                 tar_in(root, path, stream, spool_dir=spool)
 
     # ---- crash recovery ----------------------------------------------------------------
+
+    def _recover_network(self) -> None:
+        """Free every endpoint whose container does not run any more (it died while the
+        daemon was away, or a start crashed): its rules, veth, address, names."""
+        live = {r.id for r in self.db.all() if r.state in ACTIVE}
+        try:
+            self.networks.recover(live)
+        except Exception:
+            log.exception("recovery of the network endpoints failed")
 
     def _recover(self) -> None:
         """Bring every row back to a state that is true: roll back a ``creating``, finish

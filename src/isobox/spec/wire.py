@@ -167,3 +167,4 @@ class DaemonInfo(TypedDict):
     accelerator: str | None  # kvm / tcg for vm isolation, with the reason in isolations
     containers: dict[str, int]  # per state
     images: int
+    networks: NotRequired[int]  # networks made (the default one once used)
