@@ -206,6 +206,37 @@ def isobox_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     # A CLI call in the test may have started an isoboxd for this root (autostart): stop it,
     # or every such test would leave a daemon and its zygote running.
     stop_daemons_under(tmp_path)
+    remove_networks_under(root, run)
+
+
+def remove_networks_under(root: Path, run: Path) -> None:
+    """Tear down the networks recorded in the test's state database. A container's first
+    start on a network makes the default one, whose bridge and nftables rules are
+    host-wide: they would outlive the test's folder. Endpoints a failed test left go first.
+    A test that never touched a network pays one SQLite query."""
+    import sqlite3
+
+    db = root / "state.db"
+    if not db.exists():
+        return
+    conn = sqlite3.connect(db)
+    try:
+        has = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                           "name = 'networks'").fetchone() is not None
+        count = conn.execute("SELECT count(*) FROM networks").fetchone()[0] if has else 0
+    finally:
+        conn.close()
+    if not count:
+        return
+    from isobox.network.service import NetworkService
+
+    svc = NetworkService(db, run)
+    try:
+        svc.recover(set())
+        for net in svc.list():
+            svc.remove(net["id"])
+    finally:
+        svc.close()
 
 
 def _daemon_run_dir(pid: int) -> str | None:

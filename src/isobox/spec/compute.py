@@ -144,11 +144,11 @@ _NET_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}")
 
 
 class NetworkSpec(_Model):
-    """``mode``: ``none`` (loopback only), ``host`` (the host's network), ``default`` (the
-    engine's default NAT network), the name of a network, or ``container:<ref>`` (join that
-    running container's network namespace)."""
+    """``mode``: ``default`` (the engine's default NAT network, as docker's bridge; the
+    default), ``none`` (loopback only), ``host`` (the host's network), the name of a
+    network, or ``container:<ref>`` (join that running container's network namespace)."""
 
-    mode: str = "none"
+    mode: str = "default"
     hostname: str | None = None
     ports: list[PortSpec] = Field(default_factory=list)
     rate: Annotated[int, Field(ge=1024)] | None = None  # egress bytes/s
