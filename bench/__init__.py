@@ -12,5 +12,6 @@ from __future__ import annotations
 REGISTRY: dict[str, str] = {
     "compute_run": "bench.compute_run",
     "image_import": "bench.image_import",
+    "network_cost": "bench.network_cost",
     "runtime_start": "bench.runtime_start",
 }
