@@ -5,11 +5,12 @@ run``'s. Every scenario runs ``true`` in the same busybox image (bootstrapped on
 as a docker archive and loaded into each engine; the runtimes get its root filesystem as a
 bundle), in the same run, interleaved by the harness:
 
-* isobox CLI (the baseline): ``isobox run --rm busybox true`` against an ``isoboxd``
-  started once before the rounds, with ``ISOBOX_ROOT``/``ISOBOX_RUN`` in the benchmark's
-  folder and busybox bootstrapped there through the CLI;
-* isobox SDK: ``Client().containers.run("busybox", ["true"], auto_remove=True)`` timed in
-  this (warm) Python process, same daemon;
+* isobox CLI (the baseline): ``isobox run --rm --network none busybox true`` against an
+  ``isoboxd`` started once before the rounds, with ``ISOBOX_ROOT``/``ISOBOX_RUN`` in the
+  benchmark's folder and busybox bootstrapped there through the CLI (``--network none``
+  as for podman and docker; bench/network_cost.py measures the default network's cost);
+* isobox SDK: ``Client().containers.run("busybox", ["true"], auto_remove=True,
+  network="none")`` timed in this (warm) Python process, same daemon;
 * crun run / runc run: the bundle (runc's default spec, ``/bin/true``), in the same
   ``unshare -m`` wrapper as bench/runtime_start.py (crun refuses this host's hybrid
   cgroups otherwise);
@@ -204,7 +205,7 @@ def _sdk_call(env: dict[str, str]) -> Callable[[], object]:
         if not client:
             # Looked up at run time: the SDK may not exist yet (the scenario's probe says so).
             client.append(importlib.import_module("isobox.client").Client())
-        return client[0].containers.run("busybox", ["true"], auto_remove=True)
+        return client[0].containers.run("busybox", ["true"], auto_remove=True, network="none")
 
     del env  # the client finds the daemon through ISOBOX_RUN, set around measure()
     return call
@@ -215,7 +216,8 @@ def scenarios(peers: Peers, bundle: Path) -> list[Scenario]:
 
     def cli_steps(_w: Path) -> list[Step]:
         assert d is not None
-        return [Step("isobox run", [d.cli, "run", "--rm", "busybox", "true"], env=d.env)]
+        return [Step("isobox run", [d.cli, "run", "--rm", "--network", "none", "busybox", "true"],
+                     env=d.env)]
 
     sdk = _sdk_call(d.env if d else {})
 
@@ -352,13 +354,13 @@ def _goal(report: Report, peer: str, goal: float) -> str:
 
 
 NOTES = [
-    "isobox CLI: the whole `isobox run --rm busybox true` command: the Python interpreter's "
-    "start and the CLI's imports, then 4 HTTP/1.1 round trips to the warm isoboxd on "
-    "$ISOBOX_RUN/isoboxd.sock (POST /v1/compute-systems; GET it; POST .../start?attach=1 "
+    "isobox CLI: the whole `isobox run --rm --network none busybox true` command: the "
+    "Python interpreter's start and the CLI's imports, then 3 HTTP/1.1 round trips to the "
+    "warm isoboxd on $ISOBOX_RUN/isoboxd.sock (POST /v1/compute-systems; POST .../start?attach=1 "
     "upgraded to a stream until the exit frame; POST .../wait condition=removed, the daemon "
     "removing it itself for --rm) and the daemon's work: the overlay root, a monitor forked "
     "by its zygote, namespaces, /bin/true, the monitor's and the service's cleanup.",
-    "isobox SDK: the same 4 round trips and daemon work from this benchmark's warm Python "
+    "isobox SDK: the same 3 round trips and daemon work from this benchmark's warm Python "
     "process (no interpreter start, no imports; one Client made in the warm-up run).",
     "crun run / runc run: one runtime process (inside the `unshare -m` + sh wrapper that "
     "hides the cgroup2 mount crun refuses, the same for both), no daemon, no image "
