@@ -46,7 +46,8 @@ def test_pick_subnet_when_pool_is_taken_raises() -> None:
 
 def test_parse_subnet() -> None:
     assert str(parse_subnet("10.1.2.0/24")) == "10.1.2.0/24"
-    for bad in ("10.1.2.3/24", "fd00::/64", "nonsense", "10.0.0.0/30"):
+    for bad in ("10.1.2.3/24", "fd00::/64", "nonsense", "10.0.0.0/30", "224.1.0.0/24",
+                "240.0.0.0/24", "0.0.0.0/8", "255.255.255.0/24", "127.1.0.0/24", "0.0.0.0/0"):
         with pytest.raises(InvalidArgument):
             parse_subnet(bad)
 

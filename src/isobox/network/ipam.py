@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from isobox.errors import Conflict, InvalidArgument, NotFound
+from isobox.errors import Conflict, InvalidArgument, InvalidDocument, NotFound
 from isobox.spec.wire import PortMap
 from isobox.statedb import Schema, StateDB
 
@@ -112,13 +112,28 @@ def veth_name(container_id: str, network_id: str) -> str:
     return "ibv" + hashlib.sha256(f"{container_id}/{network_id}".encode()).hexdigest()[:10]
 
 
+#: Ranges no bridge can use: its gateway and members would be unreachable (multicast,
+#: reserved 240/4 and the limited broadcast, "this network" 0/8, loopback, which the
+#: raw-prerouting drop of 127.0.0.0/8 not from lo would also cut off).
+UNUSABLE = [ipaddress.IPv4Network(n) for n in
+            ("0.0.0.0/8", "127.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4")]
+
+
 def parse_subnet(subnet: str) -> ipaddress.IPv4Network:
+    """A subnet a network may have; bad input is an ``InvalidArgument`` naming ``subnet``
+    (a 400 with ``field: subnet`` through the API)."""
     try:
         net = ipaddress.ip_network(subnet, strict=True)
     except ValueError as exc:
-        raise InvalidArgument(f"invalid subnet {subnet!r}: {exc}") from exc
+        raise InvalidDocument(f"invalid subnet {subnet!r}: {exc}", "subnet") from exc
     if not isinstance(net, ipaddress.IPv4Network) or net.prefixlen > 29:
-        raise InvalidArgument(f"subnet {subnet!r}: an IPv4 CIDR of /29 or larger is needed")
+        raise InvalidDocument(f"subnet {subnet!r}: an IPv4 CIDR of /29 or larger is needed",
+                              "subnet")
+    bad = next((u for u in UNUSABLE if net.overlaps(u)), None)
+    if bad is not None:
+        raise InvalidDocument(f"subnet {subnet!r} overlaps {bad}, which no host can use for "
+                              "a network (multicast, reserved, broadcast, 0/8 or loopback)",
+                              "subnet")
     return net
 
 
@@ -172,7 +187,7 @@ class Ipam:
         with self.db.transaction() as tx:
             if tx.execute("SELECT 1 FROM networks WHERE name = ?", (row.name,)).fetchone():
                 raise Conflict(f"network {row.name!r} already exists")
-            mine = [parse_subnet(r["subnet"])
+            mine = [ipaddress.IPv4Network(r["subnet"])  # stored rows: checked when made
                     for r in tx.execute("SELECT subnet FROM networks").fetchall()]
             if auto:
                 net = pick_subnet([*mine, *host])
