@@ -273,7 +273,13 @@ class Ipam:
 
     def claim_ports(self, ep: EpRow, netns: str, ports: list[PortMap],
                     rate: int | None) -> None:
-        """Record the attachment; a host port another endpoint publishes is a Conflict."""
+        """Record the attachment; a host port another endpoint publishes is a Conflict, one
+        given twice here (``-p P:80 -p P:81``: two DNAT rules, the second never answers) an
+        InvalidArgument."""
+        for i, p in enumerate(ports):
+            if any(_clash(p, q) for q in ports[:i]):
+                raise InvalidArgument(f"host port {p['hostPort']}/{p['protocol']} is "
+                                      "published twice")
         with self.db.transaction() as tx:
             for r in tx.execute("SELECT container_id, ports FROM endpoints WHERE NOT "
                                 "(container_id = ? AND network_id = ?)",
