@@ -1,9 +1,9 @@
 """isobox's nftables rules: two tables of its own, rules tagged with their owner.
 
-Everything lives in ``table inet isobox`` (chain ``forward``) and ``table ip isobox_nat``
-(``prerouting``, ``output``, ``postrouting``). Each rule carries the comment ``net:<id>`` or
-``ep:<container id>``; removing an owner deletes exactly its rules, by handle. Nothing
-outside these two tables is ever read, flushed or rewritten.
+Everything lives in ``table inet isobox`` (chains ``forward`` and ``raw_prerouting``) and
+``table ip isobox_nat`` (``prerouting``, ``output``, ``postrouting``). Each rule carries the
+comment ``net:<id>`` or ``ep:<container id>``; removing an owner deletes exactly its rules,
+by handle. Nothing outside these two tables is ever read, flushed or rewritten.
 
 Rules go in as JSON through ``nft -j -f -`` (one batch = one kernel transaction) and are read
 back with ``nft -j list table``: the text output of nft is never parsed.
@@ -38,6 +38,10 @@ Expr = dict[str, Any]
 CHAINS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "forward": (FILTER_FAMILY, FILTER_TABLE,
                 {"type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}),
+    # raw priority: before conntrack and the DNAT of prerouting
+    "raw_prerouting": (FILTER_FAMILY, FILTER_TABLE,
+                       {"type": "filter", "hook": "prerouting", "prio": -300,
+                        "policy": "accept"}),
     "prerouting": (NAT_FAMILY, NAT_TABLE,
                    {"type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}),
     "output": (NAT_FAMILY, NAT_TABLE,
@@ -99,6 +103,14 @@ def network_rules(bridge: str, subnet: str, internal: bool) -> list[Rule]:
     bridge; masquerade out (not when internal: then nothing leaves the bridge); masquerade of
     loopback and hairpin traffic that a published port sends into the bridge."""
     rules = [
+        # 127.0.0.0/8 is this host's own: nothing from a wire may be sent there. Without this,
+        # prerouting DNATs a LAN frame for 127.0.0.1 into a port published on 127.0.0.1 only
+        # (docker's GHSA-x84c-p2g9-rqv9), and route_localnet on the bridge lets a container
+        # reach the host's loopback-only services (CVE-2020-8558). The host's own 127.0.0.1
+        # traffic comes in on lo; replies from a container still have the gateway as
+        # destination here (un-NATed later). Identical in every network: any one suffices.
+        Rule("raw_prerouting", [_meta("iifname", "lo", "!="), _ip("daddr", "127.0.0.0/8"),
+                                _DROP]),
         Rule("forward", [_meta("iifname", bridge), _meta("oifname", bridge), _ACCEPT]),
         Rule("forward", [_meta("iifname", bridge), _meta("oifname", "ibx-*"),
                          _meta("oifname", bridge, "!="), _DROP]),
