@@ -121,7 +121,7 @@ def test_rules_are_accepted_by_nft(internal: bool) -> None:
              PortMap(hostIp="127.0.0.1", hostPort=5353, containerPort=53, protocol="udp")]
     rules = nft.network_rules("ibx-12345678", "172.18.9.0/24", internal)
     rules += nft.port_rules("172.18.9.2", ports)
-    assert len([r for r in rules if r.chain == "forward"]) == (4 if internal else 2)
+    assert len([r for r in rules if r.chain == "forward"]) == (4 if internal else 3)
     proc = subprocess.run(["nft", "-c", "-j", "-f", "-"], input=_batch(rules), text=True,
                           capture_output=True, check=False)
     assert proc.returncode == 0, proc.stderr

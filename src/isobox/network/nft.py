@@ -93,6 +93,8 @@ def _dport(proto: str, port: int) -> Expr:
 _LOCAL_DST: Expr = {"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}},
                               "right": "local"}}
 _DNATTED: Expr = {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}
+_NOT_DNATTED: Expr = {"match": {"op": "!", "left": {"ct": {"key": "status"}}, "right": "dnat"}}
+_NEW: Expr = {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}}
 _ACCEPT: Expr = {"accept": None}
 _DROP: Expr = {"drop": None}
 _MASQ: Expr = {"masquerade": None}
@@ -125,8 +127,15 @@ def network_rules(bridge: str, subnet: str, internal: bool) -> list[Rule]:
             Rule("forward", [_meta("oifname", bridge), _meta("iifname", bridge, "!="), _DROP]),
         ]
     else:
-        rules.append(Rule("postrouting", [_ip("saddr", subnet), _meta("oifname", bridge, "!="),
-                                          _MASQ]))
+        rules += [
+            # Only published ports are open to the outside: a new connection into the bridge
+            # from elsewhere (a LAN neighbour routing the subnet via this host) must have
+            # been DNATed. Replies (not new) and the members' own traffic pass.
+            Rule("forward", [_meta("oifname", bridge), _meta("iifname", bridge, "!="), _NEW,
+                             _NOT_DNATTED, _DROP]),
+            Rule("postrouting", [_ip("saddr", subnet), _meta("oifname", bridge, "!="),
+                                 _MASQ]),
+        ]
     return rules
 
 
