@@ -16,7 +16,7 @@ import hashlib
 import ipaddress
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -277,7 +277,7 @@ class Ipam:
         given twice here (``-p P:80 -p P:81``: two DNAT rules, the second never answers) an
         InvalidArgument."""
         for i, p in enumerate(ports):
-            if any(_clash(p, q) for q in ports[:i]):
+            if any(clash(p, q) for q in ports[:i]):
                 raise InvalidArgument(f"host port {p['hostPort']}/{p['protocol']} is "
                                       "published twice")
         with self.db.transaction() as tx:
@@ -286,7 +286,7 @@ class Ipam:
                                 (ep.container_id, ep.network_id)).fetchall():
                 for theirs in json.loads(r["ports"]):
                     for p in ports:
-                        if _clash(p, theirs):
+                        if clash(p, theirs):
                             raise Conflict(
                                 f"host port {p['hostPort']}/{p['protocol']} is already "
                                 f"published by container {r['container_id'][:12]}")
@@ -305,7 +305,9 @@ class Ipam:
                        (ep.container_id, ep.network_id))
 
 
-def _clash(a: PortMap, b: dict[str, Any]) -> bool:
+def clash(a: PortMap, b: Mapping[str, Any]) -> bool:
+    """Whether two published ports take the same host port (protocol, port, overlapping
+    host address: "" and 0.0.0.0 are every address)."""
     if a["hostPort"] != b["hostPort"] or a["protocol"] != b["protocol"]:
         return False
     wild = ("", "0.0.0.0")  # noqa: S104 - "every host address", not a bind

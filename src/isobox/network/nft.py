@@ -25,7 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from isobox.errors import SystemError_, ToolMissing
+from isobox.errors import Conflict, SystemError_, ToolMissing
+from isobox.network.ipam import clash
 from isobox.spec.wire import PortMap
 
 FILTER_FAMILY, FILTER_TABLE = "inet", "isobox"
@@ -227,18 +228,59 @@ def _skeleton() -> list[dict[str, Any]]:
     return cmds
 
 
+def published() -> list[tuple[str, dict[str, Any]]]:
+    """The host ports published by DNAT rules in the kernel, by owner: those of every
+    isobox root on the host (the tables are shared), read back from ``prerouting``."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for obj in list_table(NAT_FAMILY, NAT_TABLE) or []:
+        r = obj.get("rule")
+        if r is None or r["chain"] != "prerouting" or not any("dnat" in e for e in r["expr"]):
+            continue
+        host_ip, proto, port = "", "", 0
+        for e in r["expr"]:
+            left = e.get("match", {}).get("left", {})
+            pay = left.get("payload", {})
+            if pay.get("field") == "dport":
+                proto, port = str(pay["protocol"]), int(e["match"]["right"])
+            elif pay.get("protocol") == "ip" and pay.get("field") == "daddr":
+                host_ip = str(e["match"]["right"])
+        if port:
+            out.append((str(r.get("comment", "")),
+                        {"hostIp": host_ip, "hostPort": port, "protocol": proto}))
+    return out
+
+
+def publish(owner: str, ip: str, ports: list[PortMap]) -> None:
+    """Add the DNAT rules of ``ports`` to ``ip``, unless another owner's rule (of any
+    isobox root on the host) publishes one of the host ports: a ``Conflict``. The check and
+    the add hold the host-wide lock together, so two roots cannot both win."""
+    with locked():
+        for theirs_owner, theirs in published():
+            for p in ports:
+                if theirs_owner != owner and clash(p, theirs):
+                    raise Conflict(f"host port {p['hostPort']}/{p['protocol']} is already "
+                                   f"published on this host ({theirs_owner[:15]}, maybe by "
+                                   "another isobox root)")
+        _add(owner, port_rules(ip, ports))
+
+
 def add(owner: str, new: list[Rule], *, replace: bool = False) -> None:
     """Add ``new`` with the comment ``owner`` (tables and chains made if missing). With
     ``replace``, the owner's present rules are deleted in the same transaction."""
     with locked():
-        cmds = _skeleton()
-        if replace:
-            cmds += _deletes(owner, rules())
-        for r in new:
-            family, table, _ = CHAINS[r.chain]
-            cmds.append({"add": {"rule": {"family": family, "table": table, "chain": r.chain,
-                                          "comment": owner, "expr": r.expr}}})
-        apply(cmds)
+        _add(owner, new, replace=replace)
+
+
+def _add(owner: str, new: list[Rule], *, replace: bool = False) -> None:
+    """``add``, the lock already held (flock: a second open of the file would wait on it)."""
+    cmds = _skeleton()
+    if replace:
+        cmds += _deletes(owner, rules())
+    for r in new:
+        family, table, _ = CHAINS[r.chain]
+        cmds.append({"add": {"rule": {"family": family, "table": table, "chain": r.chain,
+                                      "comment": owner, "expr": r.expr}}})
+    apply(cmds)
 
 
 def has(owner: str) -> bool:

@@ -167,7 +167,7 @@ class NetworkService:
                                   mac=row.mac, ip=row.ip, prefix=net.prefix,
                                   gateway=net.gateway, rate=rate)
                 if plist:
-                    nft.add(_ep_owner(cid), nft.port_rules(row.ip, plist))
+                    nft.publish(_ep_owner(cid), row.ip, plist)
             except BaseException:
                 if plist:
                     nft.remove(_ep_owner(cid))
