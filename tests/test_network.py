@@ -198,6 +198,8 @@ def test_default_network_made_once(kit: Kit) -> None:
     kit.owners.add(f"net:{d['id']}")
     assert d["name"] == "isobox"
     assert kit.svc.default()["id"] == d["id"]
+    with pytest.raises(InvalidArgument):  # the default's name is the engine's own
+        kit.svc.create("isobox")
     ep = kit.svc.reserve(secrets.token_hex(32), "x", "default")
     assert ep["networkId"] == d["id"]
     kit.svc.release(ep["containerId"])

@@ -125,3 +125,18 @@ def test_rules_are_accepted_by_nft(internal: bool) -> None:
     proc = subprocess.run(["nft", "-c", "-j", "-f", "-"], input=_batch(rules), text=True,
                           capture_output=True, check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_create_refuses_the_reserved_names_before_making_anything(tmp_path: Path) -> None:
+    """``isobox`` is the default network's name, made by the engine: a user network named so
+    would be taken for the default. Refused like the network modes, with nothing made."""
+    from isobox.network.service import NetworkService
+
+    svc = NetworkService(tmp_path / "state.db", tmp_path / "run")
+    try:
+        for name in ("isobox", "default", "none", "host", "bridge"):
+            with pytest.raises(InvalidArgument, match="invalid network name"):
+                svc.create(name)
+        assert svc.list() == []
+    finally:
+        svc.close()

@@ -30,7 +30,9 @@ from isobox.statedb import StateDB
 
 DEFAULT_NETWORK = "isobox"
 _NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}")
-_RESERVED = {"none", "host", "default", "bridge"}
+#: Names ``create`` refuses: network modes of the document, and the default network's (a
+#: user network named so would be taken as the default, with the user's subnet/internal).
+_RESERVED = {"none", "host", "default", "bridge", DEFAULT_NETWORK}
 
 
 def _now() -> str:
@@ -67,6 +69,11 @@ class NetworkService:
         if not _NAME_RE.fullmatch(name) or name in _RESERVED:
             raise InvalidArgument(f"invalid network name {name!r}: letters, digits, '_.-', "
                                   f"not one of {sorted(_RESERVED)}")
+        return self._create(name, subnet=subnet, internal=internal, labels=labels)
+
+    def _create(self, name: str, *, subnet: str | None, internal: bool,
+                labels: dict[str, str] | None) -> NetworkInfo:
+        """``create`` without the name check (``default`` makes the reserved name here)."""
         if subnet is not None:
             parse_subnet(subnet)
         with self._lock:
@@ -109,7 +116,8 @@ class NetworkService:
             except NotFound:
                 pass
             try:
-                return self.create(DEFAULT_NETWORK)
+                return self._create(DEFAULT_NETWORK, subnet=None, internal=False,
+                                    labels=None)
             except Conflict:  # made meanwhile by another process on this root
                 return self.get(DEFAULT_NETWORK)
 
