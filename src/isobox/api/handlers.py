@@ -138,8 +138,9 @@ class BootstrapRequest(BaseModel):
 
 
 _NET_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}")
-#: Names a network may not have: they are network modes of the document.
-RESERVED_NETWORK_NAMES = ("none", "host", "default")
+#: Names a network may not have: network modes of the document, and the name of the
+#: engine's default network (made by the engine on first use, never by a user).
+RESERVED_NETWORK_NAMES = ("none", "host", "default", "bridge", "isobox")
 
 
 class NetworkCreateRequest(BaseModel):
@@ -161,7 +162,8 @@ class NetworkCreateRequest(BaseModel):
         if v in RESERVED_NETWORK_NAMES:
             raise PydanticCustomError(
                 "isobox_invalid", "{reason}",
-                {"reason": f"{v!r} is a network mode, not a name a network may have"})
+                {"reason": f"{v!r} is reserved (a network mode, or the default network's "
+                           "name)"})
         return v
 
 
