@@ -24,6 +24,7 @@ the operation, the path or id, and the errno.
     │   └── StoreFull                ENOSPC / EDQUOT while writing
     ├── WaitTimeout                  a wait gave up before its condition held (408)
     ├── ToolMissing                  a host tool the operation needs is absent (500)
+    ├── VmError                      a utility VM would not start or died (QEMU's exit) (500)
     └── SystemError_                 a system call failed: ``op``, ``path``, ``errno`` (500)
 """
 
@@ -104,6 +105,11 @@ class StoreFull(StoreError):
 
 class ToolMissing(IsoboxError):
     pass
+
+
+class VmError(IsoboxError):
+    """A utility VM failed: QEMU would not start, exited, or its guest never came up.
+    The message carries QEMU's exit and the tail of its console."""
 
 
 class WaitTimeout(IsoboxError):
