@@ -220,3 +220,35 @@ def set_ambient(caps: int) -> None:
     for cap in range(last_cap() + 1):
         if caps & (1 << cap):
             prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
+
+
+# ---- clock and entropy (the utility VM's agent: a VM booted from a template has a stale
+# clock and the template's random pool) ----------------------------------------------------
+
+RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
+
+
+def set_realtime_ns(ns: int) -> None:
+    """Set CLOCK_REALTIME (needs CAP_SYS_TIME)."""
+    import time
+
+    try:
+        time.clock_settime_ns(time.CLOCK_REALTIME, ns)
+    except OSError as exc:
+        raise SystemError_("clock_settime CLOCK_REALTIME", str(ns), exc.errno or 0) from exc
+
+
+def add_entropy(data: bytes, *, credit: bool = True) -> None:
+    """Mix ``data`` into the kernel's pool with RNDADDENTROPY (crediting 8 bits per byte
+    when ``credit``; needs CAP_SYS_ADMIN), as a VM's agent does with the host's bytes."""
+    import fcntl
+    import struct
+
+    info = struct.pack("ii", len(data) * 8 if credit else 0, len(data)) + data
+    fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, RNDADDENTROPY, info)
+    except OSError as exc:
+        raise SystemError_("ioctl RNDADDENTROPY", "/dev/urandom", exc.errno or 0) from exc
+    finally:
+        os.close(fd)

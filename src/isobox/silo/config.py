@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from isobox._sys import linux as L
-from isobox.errors import InvalidDocument
+from isobox.errors import InvalidDocument, IsoboxError
 from isobox.jobs.cgroup import DEFAULT_DEVICE_RULES, DeviceRule
 from isobox.jobs.limits import IoLimit, Limits
 
@@ -325,3 +325,133 @@ def limits_from_oci(res: Any) -> Limits:
                 io.append(IoLimit(f"{dev.major}:{dev.minor}", **{key: dev.rate}))
     return Limits(cpu_rate=cpu_rate, cpu_weight=weight, memory=memory, pids=pids,
                   cpuset=cpuset, io=tuple(io))
+
+
+# ---- plain JSON (the utility VM's agent receives a SiloConfig this way) --------------------
+
+# Scalar annotations from_json checks; anything else has a converter below.
+_SCALARS: dict[str, tuple[type, ...]] = {
+    "int": (int,), "str": (str,), "bool": (bool,), "int | None": (int, type(None)),
+    "str | None": (str, type(None)), "list[str]": (list,), "list[int]": (list,),
+    "dict[str, str]": (dict,), "dict[str, Any] | None": (dict, type(None)),
+}
+
+
+def to_json(cfg: SiloConfig) -> dict[str, Any]:
+    """``cfg`` as plain JSON values (tuples become lists), for :func:`from_json`.
+
+    Why: the guest agent in a utility VM has no pydantic and no OCI parser; the host
+    converts the OCI config (``from_oci``) and sends the result as this document."""
+    from dataclasses import asdict
+
+    out = asdict(cfg)
+    out["limits"]["clamped"] = list(cfg.limits.clamped)
+    return out
+
+
+def _scalar(value: Any, annotation: str, path: str) -> Any:
+    kinds = _SCALARS.get(annotation)
+    if kinds is None:
+        raise InvalidDocument(f"{path}: cannot read a field of type {annotation}", path)
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok:
+        raise InvalidDocument(f"{path}: expected {annotation}, got {type(value).__name__}",
+                              path)
+    if annotation in ("list[str]", "list[int]", "dict[str, str]"):
+        inner = (int,) if annotation == "list[int]" else (str,)
+        items = value.values() if isinstance(value, dict) else value
+        if not all(isinstance(v, inner) and not isinstance(v, bool) for v in items):
+            raise InvalidDocument(f"{path}: expected {annotation}", path)
+        return dict(value) if isinstance(value, dict) else list(value)
+    return value
+
+
+def _tuples(value: Any, path: str, shape: tuple[tuple[type, ...], ...]) -> list[Any]:
+    if not isinstance(value, list):
+        raise InvalidDocument(f"{path}: expected a list", path)
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, (list, tuple)) or len(item) != len(shape) or not all(
+                isinstance(v, k) and not (isinstance(v, bool) and bool not in k)
+                for v, k in zip(item, shape, strict=True)):
+            raise InvalidDocument(f"{path}[{i}]: expected a list of {len(shape)} values",
+                                  f"{path}[{i}]")
+        out.append(tuple(item))
+    return out
+
+
+def _object(cls: Any, data: Any, path: str, conv: dict[str, Any] | None = None) -> Any:
+    """``cls(**data)``, each field checked (or converted by ``conv[name](value, path)``);
+    unknown fields are refused, missing ones take their defaults."""
+    from dataclasses import MISSING, fields
+
+    if not isinstance(data, dict):
+        raise InvalidDocument(f"{path or 'config'}: expected an object", path or None)
+    conv = conv or {}
+    known = {f.name: f for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise InvalidDocument(f"{path}.{key}: unknown field".lstrip("."),
+                                  f"{path}.{key}".lstrip("."))
+    kwargs: dict[str, Any] = {}
+    for name, f in known.items():
+        where = f"{path}.{name}".lstrip(".")
+        if name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise InvalidDocument(f"{where}: missing", where)
+            continue
+        fn = conv.get(name)
+        kwargs[name] = fn(data[name], where) if fn else _scalar(data[name], str(f.type),
+                                                                 where)
+    try:
+        return cls(**kwargs)
+    except IsoboxError as exc:
+        raise InvalidDocument(f"{path or 'config'}: {exc}", path or None) from exc
+
+
+def _list_of(cls: Any, conv: dict[str, Any] | None = None) -> Any:
+    def build(value: Any, path: str) -> list[Any]:
+        if not isinstance(value, list):
+            raise InvalidDocument(f"{path}: expected a list", path)
+        return [_object(cls, v, f"{path}[{i}]", conv) for i, v in enumerate(value)]
+    return build
+
+
+def _limits(value: Any, path: str) -> Limits:
+    io = _list_of(IoLimit)
+    return _object(Limits, value, path, {  # type: ignore[no-any-return]
+        "io": lambda v, p: tuple(io(v, p)),
+        "clamped": lambda v, p: tuple(_scalar(v, "list[str]", p)),
+        "cpuset": lambda v, p: _scalar(v, "str | None", p),
+    })
+
+
+def _hooks(value: Any, path: str) -> dict[str, list[Hook]]:
+    if not isinstance(value, dict):
+        raise InvalidDocument(f"{path}: expected an object", path)
+    return {k: _list_of(Hook)(v, f"{path}.{k}") for k, v in value.items()}
+
+
+def _namespaces(value: Any, path: str) -> list[tuple[str, str | None]]:
+    return _tuples(value, path, ((str,), (str, type(None))))
+
+
+_INT = (int,)
+
+
+def from_json(data: Any) -> SiloConfig:
+    """The :class:`SiloConfig` that :func:`to_json` wrote; every field is checked and an
+    unknown one refused (:class:`InvalidDocument` names it), so a guest never acts on a
+    half-understood document."""
+    process = {"rlimits": lambda v, p: _tuples(v, p, (_INT, _INT, _INT))}
+    idmap = lambda v, p: _tuples(v, p, (_INT, _INT, _INT))  # noqa: E731
+    return _object(SiloConfig, data, "", {  # type: ignore[no-any-return]
+        "process": lambda v, p: _object(Process, v, p, process),
+        "namespaces": _namespaces,
+        "uid_map": idmap, "gid_map": idmap,
+        "mounts": _list_of(Mount),
+        "devices": _list_of(Device),
+        "hooks": _hooks,
+        "limits": _limits,
+        "device_rules": _list_of(DeviceRule),
+    })
