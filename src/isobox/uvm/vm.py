@@ -1,0 +1,619 @@
+"""One utility VM: a QEMU ``microvm`` child process, its QMP control, its agent channel.
+
+The command line is docs/uvm-design.md section 4, built from the assets and a
+:class:`VmConfig`. Choices that matter:
+
+- **The engine listens on the agent socket and QEMU connects** (``server=off``): the host
+  end is connected 20-40 ms after spawn, before the guest opens its port, so nothing the
+  guest writes is lost and no connect-retry loop races the guest. (A restored clone
+  reconnects the same way.)
+- **QMP through ``qemu.qmp``** (asyncio) on a private event loop in a daemon thread, so the
+  engine's threads call it synchronously; QEMU serves QMP, the engine connects.
+- **QEMU in its own session/process group**, stdio and the guest's serial console to
+  ``console.log`` in the VM's run folder, signalled through a pidfd (never a pid that
+  may have been reused).
+- **A watcher thread reaps QEMU** whatever ends it (``quit``, kill -9 from outside, a guest
+  panic with ``panic=-1`` + ``-no-reboot``), records an :class:`ExitInfo` with the console
+  tail, and removes every file and socket the VM made; ``on_exit`` callbacks then run.
+
+Run folder: ``$ISOBOX_RUN/uvm/<id>/`` with ``agent.sock``, ``qmp.sock`` and ``console.log``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+from isobox.errors import (
+    Conflict,
+    InvalidArgument,
+    VmError,
+    WaitTimeout,
+    from_oserror,
+)
+from isobox.paths import run_dir
+from isobox.uvm.accel import AccelName, AccelResult, accel_args, probe, qemu_binary
+
+IMAGE_SERIAL = "uvm"  # the utility-VM image disk; the initramfs finds it by this serial
+AGENT_PORT = "agent"  # the virtserialport name the guest agent looks up in sysfs
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SERIAL = re.compile(r"^[A-Za-z0-9_.-]{1,20}$")  # virtio-blk serials are 20 bytes
+_TAG = re.compile(r"^[A-Za-z0-9_.-]{1,31}$")  # 9p mount_tag limit
+_SUN_PATH_MAX = 107
+_CONSOLE_TAIL = 4096
+
+
+class BootAssets(Protocol):
+    """What a VM boots (``isobox.uvm.assets.Assets`` fits this)."""
+
+    @property
+    def kernel(self) -> Path: ...
+    @property
+    def initrd(self) -> Path: ...
+    @property
+    def image(self) -> Path: ...
+    @property
+    def cmdline_base(self) -> str: ...
+
+
+class Disk(NamedTuple):
+    """A raw disk file as ``virtio-blk-device,serial=<serial>``; the guest finds it by
+    serial (``/sys/block/vd*/serial``), never by its ``vdX`` name."""
+
+    path: Path
+    serial: str
+    readonly: bool = True
+
+
+class Share(NamedTuple):
+    """A host folder as virtio-9p with ``mount_tag=<tag>``. ``security``: QEMU's
+    ``security_model`` — ``none`` (QEMU's own credentials; ownership changes ignored),
+    ``passthrough`` (guest root chowns host files), ``mapped-xattr`` (ownership in xattrs)."""
+
+    tag: str
+    path: Path
+    readonly: bool = True
+    security: str = "none"
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """The shape of one VM. Socket paths default to the VM's run folder. ``tap``: an
+    existing tap device for a ``virtio-net-device`` (networking). ``cmdline``: appended
+    to the assets' kernel command line."""
+
+    memory_mib: int = 512
+    cpus: int = 1
+    disks: Sequence[Disk] = ()
+    shares: Sequence[Share] = ()
+    agent_socket: Path | None = None
+    qmp_socket: Path | None = None
+    tap: str | None = None
+    mac: str | None = None
+    cmdline: str = ""
+
+    def validate(self) -> None:
+        if not 64 <= self.memory_mib <= 1024 * 1024:
+            raise InvalidArgument(f"VM memory {self.memory_mib} MiB: at least 64 MiB")
+        if not 1 <= self.cpus <= 255:
+            raise InvalidArgument(f"VM vCPUs {self.cpus}: 1 to 255")
+        serials = [IMAGE_SERIAL]
+        for d in self.disks:
+            if not _SERIAL.match(d.serial) or d.serial in serials:
+                raise InvalidArgument(f"disk serial {d.serial!r}: unique, [A-Za-z0-9_.-]{{1,20}}"
+                                      f" and not {IMAGE_SERIAL!r}")
+            serials.append(d.serial)
+        tags: list[str] = []
+        for s in self.shares:
+            if not _TAG.match(s.tag) or s.tag in tags:
+                raise InvalidArgument(f"9p share tag {s.tag!r}: unique, [A-Za-z0-9_.-]{{1,31}}")
+            if s.security not in ("none", "passthrough", "mapped-xattr", "mapped-file"):
+                raise InvalidArgument(f"9p share {s.tag}: security model {s.security!r}")
+            tags.append(s.tag)
+        if self.tap is not None and not re.match(r"^[A-Za-z0-9_.-]{1,15}$", self.tap):
+            raise InvalidArgument(f"tap device name {self.tap!r}")
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How QEMU ended. ``returncode`` as subprocess gives it (negative: killed by that
+    signal). ``requested``: the engine asked for it (``quit``/``kill``); an exit nobody
+    asked for (kill -9 from outside, a crash) is a failure of the VM."""
+
+    returncode: int
+    requested: bool
+    console_tail: str
+
+    @property
+    def signal(self) -> int | None:
+        return -self.returncode if self.returncode < 0 else None
+
+    @property
+    def reason(self) -> str:
+        if self.returncode < 0:
+            try:
+                name = signal.Signals(-self.returncode).name
+            except ValueError:
+                name = f"signal {-self.returncode}"
+            return f"QEMU killed by {name}"
+        return f"QEMU exited {self.returncode}"
+
+    @property
+    def failed(self) -> bool:
+        return not self.requested or self.returncode not in (0, -signal.SIGKILL)
+
+
+def _opt(value: str | Path) -> str:
+    """A value inside a QEMU ``key=value,...`` option: commas are doubled."""
+    return str(value).replace(",", ",,")
+
+
+class _Qmp:
+    """A synchronous face on ``qemu.qmp.QMPClient``: a private event loop in a daemon
+    thread; each call is one coroutine submitted to it. Events are collected from the
+    client's default listener into a list that :meth:`wait_event` searches."""
+
+    def __init__(self, nickname: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                         name=f"qmp-{nickname}")
+        self._thread.start()
+        self._nickname = nickname
+        self._client: Any = None
+        self._pump: Any = None
+        self._events: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+
+    def _call(self, coro: Any, timeout: float) -> Any:
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise
+
+    def connect(self, path: Path, timeout: float) -> None:
+        async def go() -> None:
+            from qemu.qmp import QMPClient
+
+            self._client = QMPClient(self._nickname)
+            await self._client.connect(str(path))
+            self._pump = asyncio.ensure_future(self._pump_events())
+
+        self._call(go(), timeout)
+
+    async def _pump_events(self) -> None:
+        async for event in self._client.events:
+            with self._cond:
+                self._events.append(dict(event))
+                self._cond.notify_all()
+
+    def execute(self, cmd: str, args: dict[str, Any] | None, timeout: float) -> Any:
+        return self._call(self._client.execute(cmd, args), timeout)
+
+    def wait_event(self, pred: Callable[[dict[str, Any]], bool], timeout: float,
+                   alive: Callable[[], bool]) -> dict[str, Any] | None:
+        """The first event (seen since connect) for which ``pred`` holds; None when
+        ``timeout`` passes or ``alive()`` turns false."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            seen = 0
+            while True:
+                for ev in self._events[seen:]:
+                    if pred(ev):
+                        return ev
+                seen = len(self._events)
+                left = deadline - time.monotonic()
+                if left <= 0 or not alive():
+                    return None
+                self._cond.wait(min(left, 0.1))
+
+    def close(self) -> None:
+        async def go() -> None:
+            if self._pump is not None:
+                self._pump.cancel()
+            if self._client is not None:
+                with contextlib.suppress(Exception):
+                    await self._client.disconnect()
+
+        if self._loop.is_running():
+            with contextlib.suppress(Exception):
+                self._call(go(), 5.0)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if threading.current_thread() is not self._thread:
+                self._thread.join(5.0)
+        if not self._loop.is_running():
+            self._loop.close()
+
+
+@dataclass
+class _State:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    exited: threading.Event = field(default_factory=threading.Event)
+    exit: ExitInfo | None = None
+    requested: bool = False
+    cleaned: bool = False
+    callbacks: list[Callable[[ExitInfo], None]] = field(default_factory=list)
+
+
+class UtilityVM:
+    """One utility VM. ``start()`` spawns QEMU and returns once QEMU's agent channel is
+    connected and QMP answers; ``quit()``/``kill()``/``close()`` end it; a death from
+    outside is noticed by the watcher thread (``exit_info``, ``on_exit``). Every file the
+    VM made is gone once it has ended. Use as a context manager to never leak one."""
+
+    def __init__(self, vm_id: str, assets: BootAssets, config: VmConfig | None = None, *,
+                 accel: AccelResult | AccelName | None = None,
+                 run_root: Path | None = None) -> None:
+        if not _ID.match(vm_id):
+            raise InvalidArgument(f"VM id {vm_id!r}: [A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}")
+        self.id = vm_id
+        self.assets = assets
+        self.config = config or VmConfig()
+        self.config.validate()
+        self._accel = accel
+        self.run_dir = (run_root or run_dir() / "uvm") / vm_id
+        self.agent_socket_path = self.config.agent_socket or self.run_dir / "agent.sock"
+        self.qmp_socket_path = self.config.qmp_socket or self.run_dir / "qmp.sock"
+        self.console_path = self.run_dir / "console.log"
+        for p in (self.agent_socket_path, self.qmp_socket_path):
+            if len(os.fsencode(p)) > _SUN_PATH_MAX:
+                raise InvalidArgument(f"socket path too long for a unix socket: {p}")
+        self.agent: socket.socket | None = None  # the connected agent channel, after start()
+        self.connect_seconds: float | None = None  # spawn -> QEMU connected the agent socket
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pidfd = -1
+        self._listener: socket.socket | None = None
+        self._qmp: _Qmp | None = None
+        self._made: list[Path] = []
+        self._made_dir = False
+        self._st = _State()
+        self._watcher: threading.Thread | None = None
+        self.started_at = 0.0
+
+    # -- command line ---------------------------------------------------------------
+
+    @property
+    def accel_name(self) -> AccelName:
+        if self._accel is None:
+            self._accel = probe(assets=self.assets)
+        return self._accel if isinstance(self._accel, str) else self._accel.name
+
+    def argv(self) -> list[str]:
+        """The full QEMU command line (docs/uvm-design.md section 4)."""
+        c = self.config
+        cmdline = " ".join(x for x in (self.assets.cmdline_base, c.cmdline) if x)
+        argv = [
+            qemu_binary(), "-name", _opt(f"isobox-{self.id}"),
+            "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+            *accel_args(self.accel_name),
+            "-m", str(c.memory_mib), "-smp", str(c.cpus),
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", str(self.assets.kernel), "-initrd", str(self.assets.initrd),
+            "-append", cmdline,
+            "-chardev", f"file,id=console,path={_opt(self.console_path)},append=on",
+            "-serial", "chardev:console",
+            "-qmp", f"unix:{_opt(self.qmp_socket_path)},server=on,wait=off",
+            "-drive", f"id=img,file={_opt(self.assets.image)},format=raw,if=none,"
+                      "readonly=on,cache=unsafe",
+            "-device", f"virtio-blk-device,drive=img,serial={IMAGE_SERIAL}",
+            "-device", "virtio-serial-device,max_ports=2",
+            "-chardev", f"socket,id=agent,path={_opt(self.agent_socket_path)},server=off",
+            "-device", f"virtserialport,id={AGENT_PORT},chardev=agent,name={AGENT_PORT}",
+            "-device", "virtio-rng-device",
+        ]
+        for i, d in enumerate(c.disks):
+            # A read-only disk is shared content (layers): no cache coherence to keep. A
+            # writable one (scratch) honours the guest's flushes: it outlives the VM.
+            cache = "unsafe" if d.readonly else "writeback,discard=unmap"
+            ro = ",readonly=on" if d.readonly else ""
+            argv += ["-drive", f"id=disk{i},file={_opt(d.path)},format=raw,if=none,"
+                               f"cache={cache}{ro}",
+                     "-device", f"virtio-blk-device,drive=disk{i},serial={d.serial}"]
+        for i, s in enumerate(c.shares):
+            ro = ",readonly=on" if s.readonly else ""
+            argv += ["-fsdev", f"local,id=fs{i},path={_opt(s.path)},"
+                               f"security_model={s.security}{ro}",
+                     "-device", f"virtio-9p-device,fsdev=fs{i},mount_tag={s.tag}"]
+        if c.tap is not None:
+            mac = f",mac={c.mac}" if c.mac else ""
+            argv += ["-netdev", f"tap,id=net0,ifname={c.tap},script=no,downscript=no",
+                     "-device", f"virtio-net-device,netdev=net0{mac}"]
+        return argv
+
+    # -- life cycle -----------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise VmError(f"VM {self.id} was not started")
+        return self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and not self._st.exited.is_set()
+
+    @property
+    def exit_info(self) -> ExitInfo | None:
+        return self._st.exit
+
+    def on_exit(self, callback: Callable[[ExitInfo], None]) -> None:
+        """Call ``callback(exit_info)`` (from the watcher thread) once QEMU has ended and
+        the VM's files are gone; at once if that already happened."""
+        with self._st.lock:
+            if self._st.exit is None:
+                self._st.callbacks.append(callback)
+                return
+            info = self._st.exit
+        callback(info)
+
+    def start(self, timeout: float = 30.0) -> float:
+        """Spawn QEMU; return once it has connected the agent channel and QMP answers.
+        Returns the seconds from spawn to the agent channel connected. On any failure
+        QEMU is killed, everything is removed, and :class:`VmError` says why."""
+        if self._proc is not None:
+            raise Conflict(f"VM {self.id} was already started")
+        argv = self.argv()
+        self._make_run_dir()
+        try:
+            for p in (self.agent_socket_path, self.qmp_socket_path):
+                if p.exists() or p.is_symlink():
+                    raise Conflict(f"VM {self.id}: {p} exists (another VM's socket?)")
+            self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            self._listener.bind(str(self.agent_socket_path))
+            self._made.append(self.agent_socket_path)
+            self._listener.listen(1)
+            self._made += [self.qmp_socket_path, self.console_path]
+            console = os.open(self.console_path,
+                              os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            try:
+                self.started_at = time.monotonic()
+                self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console,
+                                              stderr=console, start_new_session=True)
+            finally:
+                os.close(console)
+        except OSError as exc:
+            self._cleanup_files()
+            raise from_oserror("start utility VM", self.id, exc) from exc
+        except BaseException:
+            self._cleanup_files()
+            raise
+        self._pidfd = os.pidfd_open(self._proc.pid)
+        self._watcher = threading.Thread(target=self._watch, daemon=True,
+                                         name=f"uvm-{self.id}")
+        self._watcher.start()
+        try:
+            self._accept_agent(timeout)
+            self._connect_qmp(self.started_at + timeout - time.monotonic())
+        except BaseException as exc:
+            self._kill(requested=True)
+            self._st.exited.wait(10.0)
+            info = self._st.exit
+            if isinstance(exc, VmError | WaitTimeout):
+                raise
+            tail = info.console_tail[-600:] if info else ""
+            raise VmError(f"VM {self.id} failed to start: {exc}\n{tail}") from exc
+        assert self.connect_seconds is not None
+        return self.connect_seconds
+
+    def _make_run_dir(self) -> None:
+        for _ in range(5):
+            self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(mode=0o700)
+            except FileNotFoundError:
+                continue  # a VM ending just now removed the empty parent: again
+            except FileExistsError:
+                raise Conflict(f"VM {self.id}: run folder {self.run_dir} exists") from None
+            self._made_dir = True
+            return
+        raise VmError(f"VM {self.id}: cannot make {self.run_dir}")
+
+    def _dead(self, what: str) -> VmError:
+        self._st.exited.wait(10.0)
+        info = self._st.exit
+        if info is None:
+            return VmError(f"VM {self.id}: {what}")
+        return VmError(f"VM {self.id}: {what}: {info.reason}\n{info.console_tail[-800:]}")
+
+    def _accept_agent(self, timeout: float) -> None:
+        assert self._listener is not None
+        deadline = self.started_at + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WaitTimeout(f"VM {self.id}: QEMU did not connect the agent channel "
+                                  f"within {timeout:g} s")
+            lfd = self._listener.fileno()
+            ready, _, _ = select.select([lfd, self._pidfd], [], [], left)
+            if self._pidfd in ready or self._st.exited.is_set():
+                raise self._dead("QEMU exited before connecting the agent channel")
+            if lfd in ready:
+                conn, _ = self._listener.accept()
+                self.connect_seconds = time.monotonic() - self.started_at
+                conn.set_inheritable(False)
+                self.agent = conn
+                # One connection, ever: QEMU's; the listening socket can go.
+                self._listener.close()
+                self._listener = None
+                return
+
+    def _connect_qmp(self, timeout: float) -> None:
+        deadline = time.monotonic() + max(timeout, 1.0)
+        qmp = _Qmp(f"isobox-{self.id}")
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self._st.exited.is_set():
+                qmp.close()
+                raise self._dead("QEMU exited before QMP answered")
+            if self.qmp_socket_path.exists():
+                try:
+                    qmp.connect(self.qmp_socket_path, max(deadline - time.monotonic(), 0.1))
+                    self._qmp = qmp
+                    return
+                except Exception as exc:
+                    last = exc
+            time.sleep(0.01)
+        qmp.close()
+        raise WaitTimeout(f"VM {self.id}: QMP did not answer: {last}")
+
+    def _watch(self) -> None:
+        """Reap QEMU whatever ends it, then clean up and tell whoever listens."""
+        proc = self._proc
+        assert proc is not None
+        rc = proc.wait()
+        tail = ""
+        with contextlib.suppress(OSError), open(self.console_path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(fh.tell() - _CONSOLE_TAIL, 0))
+            tail = fh.read().decode(errors="replace")
+        with self._st.lock:
+            info = ExitInfo(rc, self._st.requested, tail)
+            if self._pidfd >= 0:
+                os.close(self._pidfd)
+                self._pidfd = -1
+        self._cleanup_files()
+        with self._st.lock:
+            self._st.exit = info
+            callbacks, self._st.callbacks = self._st.callbacks, []
+        self._st.exited.set()
+        for cb in callbacks:
+            with contextlib.suppress(Exception):
+                cb(info)
+
+    def _cleanup_files(self) -> None:
+        with self._st.lock:
+            if self._st.cleaned:
+                return
+            self._st.cleaned = True
+            qmp, self._qmp = self._qmp, None
+            agent, self.agent = self.agent, None
+            listener, self._listener = self._listener, None
+        if qmp is not None:
+            qmp.close()
+        for s in (agent, listener):
+            if s is not None:
+                s.close()
+        for p in self._made:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        if self._made_dir:
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()
+            with contextlib.suppress(OSError):
+                self.run_dir.parent.rmdir()  # only if no other VM's folder is in it
+
+    def _kill(self, requested: bool, sig: int = signal.SIGKILL) -> None:
+        with self._st.lock:
+            if requested:
+                self._st.requested = True
+            if self._pidfd >= 0:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(self._pidfd, sig)
+
+    def wait(self, timeout: float | None = None) -> ExitInfo:
+        """Wait for QEMU to end (and the clean-up to finish)."""
+        if self._proc is None:
+            raise VmError(f"VM {self.id} was not started")
+        if not self._st.exited.wait(timeout):
+            raise WaitTimeout(f"VM {self.id}: QEMU still running after {timeout} s")
+        assert self._st.exit is not None
+        return self._st.exit
+
+    def kill(self) -> ExitInfo:
+        """SIGKILL QEMU and wait for the clean-up."""
+        self._kill(requested=True)
+        return self.wait(30.0)
+
+    def quit(self, timeout: float = 10.0) -> ExitInfo:
+        """QMP ``quit`` (QEMU exits 0 at once; the guest is not asked). SIGKILL if QEMU is
+        still there after ``timeout``."""
+        if not self.running:
+            return self.wait(30.0)
+        with self._st.lock:
+            self._st.requested = True
+        with contextlib.suppress(Exception):
+            self.qmp("quit", timeout=timeout)
+        try:
+            return self.wait(timeout)
+        except WaitTimeout:
+            return self.kill()
+
+    def close(self) -> None:
+        """End the VM if it runs (SIGKILL) and remove what it made; idempotent."""
+        if self.running:
+            self.kill()
+        elif self._proc is None:
+            self._cleanup_files()
+
+    def __enter__(self) -> UtilityVM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- control --------------------------------------------------------------------
+
+    def qmp(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
+        """Run one QMP command; its ``return`` value. QEMU's refusals raise VmError."""
+        qmp = self._qmp
+        if qmp is None or not self.running:
+            raise self._dead(f"QMP {cmd}: the VM is not running")
+        from qemu.qmp import QMPError
+
+        try:
+            return qmp.execute(cmd, args, timeout)
+        except TimeoutError:
+            raise WaitTimeout(f"VM {self.id}: QMP {cmd} took over {timeout} s") from None
+        except QMPError as exc:
+            if not self.running or cmd == "quit":
+                raise self._dead(f"QMP {cmd}") from exc
+            raise VmError(f"VM {self.id}: QMP {cmd}: {exc}") from exc
+
+    def status(self) -> str:
+        """QEMU's run state: ``running``, ``paused``, ``shutdown``, ..."""
+        return str(self.qmp("query-status")["status"])
+
+    def pause(self) -> None:
+        """Freeze every vCPU (QMP ``stop``): the guest sees time jump, nothing else."""
+        self.qmp("stop")
+
+    def resume(self) -> None:
+        self.qmp("cont")
+
+    def wait_event(self, name: str, timeout: float,
+                   match: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+        """The first QMP event ``name`` since start (optionally matching ``match``)."""
+        qmp = self._qmp
+        if qmp is None:
+            raise self._dead(f"wait for {name}: the VM is not running")
+
+        def pred(ev: dict[str, Any]) -> bool:
+            return bool(ev.get("event") == name and (match is None or match(ev)))
+
+        ev = qmp.wait_event(pred, timeout, lambda: self.running)
+        if ev is None:
+            if not self.running:
+                raise self._dead(f"waiting for {name}")
+            raise WaitTimeout(f"VM {self.id}: no {name} event within {timeout:g} s")
+        return ev
+
+    def wait_port_open(self, timeout: float = 60.0) -> float:
+        """Wait until the guest opens the agent port (QMP ``VSERPORT_CHANGE`` open=true):
+        the guest is up and its agent listening, whatever protocol it speaks. Returns the
+        seconds since spawn."""
+        self.wait_event("VSERPORT_CHANGE", timeout,
+                        lambda ev: bool(ev.get("data", {}).get("open")))
+        return time.monotonic() - self.started_at
