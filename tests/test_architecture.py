@@ -45,10 +45,10 @@ ROW0_ALLOWED = {"errors", "__init__"}
 SAME_ROW_ALLOWED = {("cli", "client")}
 # The SDK works against a remote daemon and starts fast: of isobox it imports only these
 # (never engine code, never pydantic); the CLI imports only the SDK and these, except the
-# local `isobox job run`, whose module alone may use isobox.jobs.
+# local `isobox job run` and `isobox uvm`, whose modules alone may use isobox.jobs / .uvm.
 CLIENT_MAY_IMPORT = {"spec.wire", "spec.stream", "errors", "paths", "__init__"}
 CLI_MAY_IMPORT = CLIENT_MAY_IMPORT | {"client"}
-CLI_LOCAL_TOOLS = {"cli/jobrun.py": {"jobs"}}
+CLI_LOCAL_TOOLS = {"cli/jobrun.py": {"jobs"}, "cli/uvmcmd.py": {"uvm"}}
 
 
 def _unit(module: str) -> str:

@@ -112,6 +112,11 @@ class VmError(IsoboxError):
     The message carries QEMU's exit and the tail of its console."""
 
 
+class UvmAssetsError(IsoboxError):
+    """Building the utility-VM assets failed: a download, an extraction, a compile or mkfs.
+    The message names the step and carries the tool's error output."""
+
+
 class WaitTimeout(IsoboxError):
     """``wait`` gave up before the condition held."""
 

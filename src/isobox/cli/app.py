@@ -43,6 +43,7 @@ _LAZY: dict[str, tuple[str, str, str]] = {
     "rmi": ("images", "rmi", "Remove images."),
     "tag": ("images", "tag", "Give an image another name."),
     "network": ("networks", "network", "Manage networks (create, ls, inspect, rm)."),
+    "uvm": ("uvmcmd", "uvm", "Utility-VM assets: build, info (local admin tool)."),
 }
 
 
