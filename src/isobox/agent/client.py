@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from isobox.agent import protocol as P
+import isobox.agent.protocol as P
 from isobox.errors import IsoboxError, WaitTimeout
 
 DEFAULT_TIMEOUT = 120.0  # utility VMs under TCG are slow; callers pass less when they can
@@ -68,6 +68,8 @@ class ProcessStream:
         self.client.signal(self.container, sig, stream=self.stream)
 
     def wait(self, timeout: float | None = DEFAULT_TIMEOUT) -> ExitStatus:
+        if self.exit is not None:
+            return self.exit
         return self.client.wait(self.stream, timeout=timeout)
 
     def iter(self, timeout: float | None = DEFAULT_TIMEOUT) -> Iterator[Output]:

@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import isobox.agent.protocol as P
 from isobox._sys import linux as L
-from isobox.agent import protocol as P
 from isobox.errors import Conflict, InvalidArgument, IsoboxError, NotFound
 from isobox.silo.config import SiloConfig, from_json
 from isobox.silo.container import Container
@@ -218,6 +218,9 @@ class Agent:
         self.boxes: dict[str, Box] = {}
         self.procs: dict[int, Proc] = {}  # stream -> Proc
         self.by_pid: dict[int, Proc] = {}
+        # Ended execs (stream -> (container, wait status)): a late ``wait`` is answered;
+        # dropped when the stream number is used again or the container is deleted.
+        self.finished: dict[int, tuple[str, int]] = {}
         self.outputs_paused = False
         self.closing = False  # the channel ended or shutdown was asked
         self.done = False
@@ -376,6 +379,7 @@ class Agent:
             raise InvalidArgument(f"stream {stream} out of range")
         if stream in self.procs:
             raise Conflict(f"stream {stream} is in use")
+        self.finished.pop(stream, None)
         return stream
 
     def op_create(self, _rid: int, req: dict[str, Any]) -> dict[str, Any]:
@@ -604,6 +608,10 @@ class Agent:
         return {}
 
     def op_wait(self, rid: int, req: dict[str, Any]) -> dict[str, Any] | None:
+        done = self.finished.get(_int(req, "stream"))
+        if done is not None:
+            code, sig = exit_status(done[1])
+            return {"exitCode": code, "signal": sig}
         proc = self._proc(req)
         if proc.reported and proc.status is not None:
             code, sig = exit_status(proc.status)
@@ -760,6 +768,7 @@ class Agent:
         proc.waiters.clear()
         if not proc.main:
             self.procs.pop(proc.stream, None)  # the stream number may be reused now
+            self.finished[proc.stream] = (proc.container, proc.status)
 
     def _close_proc(self, proc: Proc) -> None:
         fds = {*proc.outputs, *([proc.stdin] if proc.stdin is not None else []),
@@ -804,6 +813,8 @@ class Agent:
                 if proc.main:
                     self.procs.pop(proc.stream, None)
                     self._close_proc(proc)
+        for stream in [k for k, v in self.finished.items() if v[0] == box.id]:
+            del self.finished[stream]
         while box.mounts:
             target = box.mounts.pop()
             with contextlib.suppress(IsoboxError):

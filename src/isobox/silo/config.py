@@ -419,11 +419,15 @@ def _list_of(cls: Any, conv: dict[str, Any] | None = None) -> Any:
 
 def _limits(value: Any, path: str) -> Limits:
     io = _list_of(IoLimit)
-    return _object(Limits, value, path, {  # type: ignore[no-any-return]
+    limits: Limits = _object(Limits, value, path, {
         "io": lambda v, p: tuple(io(v, p)),
         "clamped": lambda v, p: tuple(_scalar(v, "list[str]", p)),
         "cpuset": lambda v, p: _scalar(v, "str | None", p),
     })
+    try:
+        return limits.validate()
+    except IsoboxError as exc:
+        raise InvalidDocument(f"{path}: {exc}", path) from exc
 
 
 def _hooks(value: Any, path: str) -> dict[str, list[Hook]]:
