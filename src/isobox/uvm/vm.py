@@ -104,6 +104,13 @@ class VmConfig:
     mac: str | None = None
     cmdline: str = ""
 
+    def __post_init__(self) -> None:
+        # Plain ``(path, serial, readonly)`` / ``(tag, path, readonly)`` tuples are welcome.
+        object.__setattr__(self, "disks", tuple(
+            Disk(Path(d[0]), *d[1:]) for d in self.disks))
+        object.__setattr__(self, "shares", tuple(
+            Share(s[0], Path(s[1]), *s[2:]) for s in self.shares))
+
     def validate(self) -> None:
         if not 64 <= self.memory_mib <= 1024 * 1024:
             raise InvalidArgument(f"VM memory {self.memory_mib} MiB: at least 64 MiB")
