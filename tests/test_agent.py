@@ -438,3 +438,50 @@ def test_failed_create_leaves_nothing(agent: Env) -> None:
     cid2, s = _create(agent, ["true"])
     c.start(cid2)
     assert s.wait(20).exit_code == 0
+
+
+# ---- the same agent inside a utility VM (uvm's assets and launch) ---------------------------
+
+
+@pytest.mark.root
+@pytest.mark.vm
+@pytest.mark.slow
+def test_agent_in_a_utility_vm(tmp_path: Path, image_store: Any) -> None:
+    """The image's agent (pid 1 of the VM) runs a busybox container from an erofs layer disk
+    over a tmpfs upper: the guest kernel's ``uname -r``, cgroup v2, exec, stats, top; the
+    VM powers off cleanly after ``shutdown``."""
+    from isobox.silo.config import from_oci, to_json
+    from isobox.spec.runtime import default_config
+    from isobox.uvm.assets import ensure_assets
+    from isobox.uvm.vm import Disk, UtilityVM, VmConfig
+
+    layer = image_store.layer_diff(image_store.images()[0].layers[0].chain_id)
+    erofs = tmp_path / "layer0.erofs"
+    subprocess.run(["mkfs.erofs", "--quiet", str(erofs), str(layer)], check=True)
+    cfg = from_oci(default_config(["sh", "-c", "uname -r; cat /proc/self/cgroup; "
+                                   "exit 7"]), Path("/run/c1"))
+    vm = UtilityVM(_cid("vm"), ensure_assets(), VmConfig(memory_mib=512,
+                                                         disks=[Disk(erofs, "layer0")]))
+    try:
+        vm.start(60)
+        assert vm.agent is not None
+        c = AgentClient(vm.agent, timeout=120)
+        ready = c.wait_ready(120)
+        assert ready["pid"] == 1 and ready["kernel"] != os.uname().release
+        assert c.negotiate() == 1
+        assert c.hello(time_ns=time.time_ns(), entropy=os.urandom(32))["clockSet"] is True
+        s = c.create("c1", to_json(cfg), disks=[{
+            "source": "serial:layer0", "target": "/run/layers/0", "fstype": "erofs",
+            "options": ["ro"]}], rootfs={"lower": ["/run/layers/0"],
+                                         "upper": "/run/c1/upper", "work": "/run/c1/work"})
+        c.start("c1")
+        out, err, status = s.collect(120)
+        assert out.decode().split() == [ready["kernel"], "0::/"], err
+        assert status.exit_code == 7
+        assert c.stats("c1")["cpuUsageNs"] > 0
+        c.delete("c1")
+        c.shutdown()
+        info = vm.wait(60)
+        assert info.returncode == 0 and "panic" not in info.console_tail.lower()
+    finally:
+        vm.close()

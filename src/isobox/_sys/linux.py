@@ -252,3 +252,13 @@ def add_entropy(data: bytes, *, credit: bool = True) -> None:
         raise SystemError_("ioctl RNDADDENTROPY", "/dev/urandom", exc.errno or 0) from exc
     finally:
         os.close(fd)
+
+
+LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
+_libc.reboot.argtypes = [ctypes.c_int]
+
+
+def power_off() -> None:
+    """reboot(LINUX_REBOOT_CMD_POWER_OFF): how a utility VM's pid 1 ends (a pid 1 that
+    exits panics the kernel). Returns only on failure, which it raises."""
+    _check(_libc.reboot(LINUX_REBOOT_CMD_POWER_OFF), "reboot", "POWER_OFF")

@@ -911,6 +911,9 @@ def main(argv: list[str] | None = None) -> int:
         fd = os.open(find_port(args.port), os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
     agent = Agent(fd, state_root=Path(args.state), set_clock=in_vm or args.set_clock)
     agent.run()
+    if os.getpid() == 1:  # the VM's init: power off (exiting would panic the kernel)
+        os.sync()
+        L.power_off()
     return 0
 
 
