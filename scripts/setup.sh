@@ -10,7 +10,8 @@
 #   PYTHON                       interpreter for a new .venv (default: python3, >= 3.11)
 #   ISOBOX_SETUP_NO_BOOTSTRAP=1  skip the image bootstrap (tests bootstrap into their own
 #                                ISOBOX_ROOT; `make test` sets this)
-#   ISOBOX_ROOT                  honoured by the bootstrap step (default /var/lib/isobox)
+#   ISOBOX_SETUP_NO_UVM=1        skip building the utility-VM assets (`isobox uvm build`)
+#   ISOBOX_ROOT                  honoured by the bootstrap and uvm steps (default /var/lib/isobox)
 set -euo pipefail
 
 # Debian packages the engine, its tests and `make demo` need.
@@ -61,7 +62,7 @@ with_peers=0
 for arg in "$@"; do
     case "$arg" in
         --peers) with_peers=1 ;;
-        -h|--help) sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $arg (try --help)" ;;
     esac
 done
@@ -160,6 +161,18 @@ else
     # 9<&-: whatever the bootstrap leaves running must not hold this script's lock.
     "$VENV/bin/isobox" image bootstrap busybox 9<&- \
         || die "'isobox image bootstrap busybox' failed (exit $?); ISOBOX_SETUP_NO_BOOTSTRAP=1 skips it"
+fi
+
+# --- 4. the utility-VM assets (--isolation=vm) -------------------------------------------
+# Guest kernel, initramfs and image from Debian's packages (apt-get download, never
+# installed); cached by input hash, so a rerun with nothing changed takes ~0.2 s. Tests
+# build their own shared copy (tests/conftest.py, ISOBOX_UVM_DIR) on the first vm test.
+if [[ "${ISOBOX_SETUP_NO_UVM:-0}" == "1" ]]; then
+    say "uvm: assets build skipped (ISOBOX_SETUP_NO_UVM=1)"
+else
+    say "uvm: isobox uvm build (ISOBOX_ROOT=${ISOBOX_ROOT:-/var/lib/isobox})"
+    "$VENV/bin/isobox" uvm build 9<&- \
+        || die "'isobox uvm build' failed (exit $?); ISOBOX_SETUP_NO_UVM=1 skips it"
 fi
 
 say "done"
