@@ -278,7 +278,9 @@ def test_boot_channel_qmp_pause_resume_quit(assets: Any, no_leftovers: Path,
         assert connected < 5.0  # QEMU connects at its start, long before the guest boots
         assert alive(vm.pid) and os.getpgid(vm.pid) == vm.pid  # its own process group
         run_dir = vm.run_dir
-        assert {p.name for p in run_dir.iterdir()} == {"agent.sock", "qmp.sock", "console.log"}
+        assert {p.name for p in run_dir.iterdir()} == {"agent.sock", "qmp.sock", "console.log",
+                                                       "qemu.pid"}
+        assert int((run_dir / "qemu.pid").read_text()) == vm.pid
         sh = GuestShell(vm)
         ready = sh.line(120).split()
         assert ready[0] == "ready"
@@ -311,6 +313,7 @@ def test_boot_channel_qmp_pause_resume_quit(assets: Any, no_leftovers: Path,
         pid = vm.pid
         info = vm.quit()
         assert info.returncode == 0 and info.requested and not info.failed
+        assert info.shutdown == "host-qmp-quit"
         assert not alive(pid)
         assert not run_dir.exists()
         assert vm.agent is None and not vm.running
@@ -352,6 +355,25 @@ def test_kill_9_of_qemu_is_detected_and_cleaned(assets: Any, no_leftovers: Path)
         assert late == [info]
     finally:
         vm.close()
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+@pytest.mark.parametrize(("guest", "shutdown", "failed"), [
+    ("echo bye", "guest-shutdown", False),             # stage 2 powers off after isobox.cmd
+    ("echo c > /proc/sysrq-trigger", "guest-reset", True),  # a panic: panic=-1, -no-reboot
+])
+def test_guest_ending_by_itself(assets: Any, no_leftovers: Path, guest: str, shutdown: str,
+                                failed: bool) -> None:
+    cmd = "isobox.cmd=" + base64.b64encode(guest.encode()).decode()
+    with UtilityVM("end1", assets, VmConfig(memory_mib=256, cmdline=cmd), accel="tcg") as vm:
+        vm.start()
+        info = vm.wait(120)
+        assert info.returncode == 0 and not info.requested
+        assert (info.shutdown, info.failed) == (shutdown, failed), info
+        assert not vm.run_dir.exists()
+        if not failed:
+            assert "bye" in info.console_tail
 
 
 @pytest.mark.vm

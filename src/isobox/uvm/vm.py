@@ -16,7 +16,8 @@ The command line is docs/uvm-design.md section 4, built from the assets and a
   panic with ``panic=-1`` + ``-no-reboot``), records an :class:`ExitInfo` with the console
   tail, and removes every file and socket the VM made; ``on_exit`` callbacks then run.
 
-Run folder: ``$ISOBOX_RUN/uvm/<id>/`` with ``agent.sock``, ``qmp.sock`` and ``console.log``.
+Run folder: ``$ISOBOX_RUN/uvm/<id>/`` with ``agent.sock``, ``qmp.sock``, ``console.log``
+and ``qemu.pid`` (so a restarted engine can tell whose QEMU is still running).
 """
 
 from __future__ import annotations
@@ -142,6 +143,8 @@ class ExitInfo:
     returncode: int
     requested: bool
     console_tail: str
+    shutdown: str | None = None  # QMP SHUTDOWN reason: guest-shutdown, guest-reset (a
+    #                              panic, with panic=-1 -no-reboot), host-qmp-quit, ...
 
     @property
     def signal(self) -> int | None:
@@ -155,11 +158,17 @@ class ExitInfo:
             except ValueError:
                 name = f"signal {-self.returncode}"
             return f"QEMU killed by {name}"
-        return f"QEMU exited {self.returncode}"
+        why = f" ({self.shutdown})" if self.shutdown else ""
+        return f"QEMU exited {self.returncode}{why}"
 
     @property
     def failed(self) -> bool:
-        return not self.requested or self.returncode not in (0, -signal.SIGKILL)
+        """An end the engine must report as an error: QEMU crashed or was killed from
+        outside, or the guest panicked (``guest-reset``). A guest that powered itself off
+        (``guest-shutdown``) or a quit/kill the engine asked for is not a failure."""
+        if self.returncode not in (0, -signal.SIGKILL):
+            return True
+        return not self.requested and self.shutdown != "guest-shutdown"
 
 
 def _opt(value: str | Path) -> str:
@@ -227,6 +236,14 @@ class _Qmp:
                     return None
                 self._cond.wait(min(left, 0.1))
 
+    def shutdown_reason(self) -> str | None:
+        """The reason of the last SHUTDOWN event QEMU sent, if any."""
+        with self._cond:
+            for ev in reversed(self._events):
+                if ev.get("event") == "SHUTDOWN":
+                    return str(ev.get("data", {}).get("reason", "")) or None
+        return None
+
     def close(self) -> None:
         async def go() -> None:
             if self._pump is not None:
@@ -275,6 +292,7 @@ class UtilityVM:
         self.agent_socket_path = self.config.agent_socket or self.run_dir / "agent.sock"
         self.qmp_socket_path = self.config.qmp_socket or self.run_dir / "qmp.sock"
         self.console_path = self.run_dir / "console.log"
+        self.pid_path = self.run_dir / "qemu.pid"  # for crash recovery: whose VM is this
         for p in (self.agent_socket_path, self.qmp_socket_path):
             if len(os.fsencode(p)) > _SUN_PATH_MAX:
                 raise InvalidArgument(f"socket path too long for a unix socket: {p}")
@@ -308,6 +326,7 @@ class UtilityVM:
             *accel_args(self.accel_name),
             "-m", str(c.memory_mib), "-smp", str(c.cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-pidfile", str(self.pid_path),
             "-kernel", str(self.assets.kernel), "-initrd", str(self.assets.initrd),
             "-append", cmdline,
             "-chardev", f"file,id=console,path={_opt(self.console_path)},append=on",
@@ -382,7 +401,7 @@ class UtilityVM:
             self._listener.bind(str(self.agent_socket_path))
             self._made.append(self.agent_socket_path)
             self._listener.listen(1)
-            self._made += [self.qmp_socket_path, self.console_path]
+            self._made += [self.qmp_socket_path, self.console_path, self.pid_path]
             console = os.open(self.console_path,
                               os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             try:
@@ -487,7 +506,9 @@ class UtilityVM:
             fh.seek(max(fh.tell() - _CONSOLE_TAIL, 0))
             tail = fh.read().decode(errors="replace")
         with self._st.lock:
-            info = ExitInfo(rc, self._st.requested, tail)
+            qmp = self._qmp
+            info = ExitInfo(rc, self._st.requested, tail,
+                            qmp.shutdown_reason() if qmp is not None else None)
             if self._pidfd >= 0:
                 os.close(self._pidfd)
                 self._pidfd = -1
