@@ -27,9 +27,11 @@ help:
 setup:
 	$(SETUP)
 
-# setup without the image bootstrap: tests use their own ISOBOX_ROOT and bootstrap there.
+# setup without the image bootstrap and the utility-VM build: tests use their own
+# ISOBOX_ROOT and bootstrap there, and build their shared utility-VM assets in
+# $ISOBOX_UVM_DIR (tests/conftest.py) on the first vm test.
 deps:
-	ISOBOX_SETUP_NO_BOOTSTRAP=1 $(SETUP)
+	ISOBOX_SETUP_NO_BOOTSTRAP=1 ISOBOX_SETUP_NO_UVM=1 $(SETUP)
 
 demo: setup
 	bash scripts/demo.sh
