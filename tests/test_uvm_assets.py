@@ -54,13 +54,15 @@ def built_root(tmp_path_factory: pytest.TempPathFactory, guest_src: Path) -> Ite
                 shutil.copyfile(deb, root / "uvm" / "debs" / deb.name)
     ensure_assets(root, guest_src=guest_src)
     yield root
+    shutil.rmtree(root, ignore_errors=True)  # ~120 MB: not kept with pytest's last runs
 
 
 @pytest.fixture
-def clone(built_root: Path, tmp_path: Path) -> Path:
+def clone(built_root: Path, tmp_path: Path) -> Iterator[Path]:
     root = tmp_path / "clone"
     _clone(built_root, root)
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _dump(image: Path, path: str) -> str:
