@@ -6,6 +6,9 @@ On disk, under ``ISOBOX_ROOT``::
     blobs/sha256/<hex>        manifests, configs and layer blobs (see blobs.py)
     layers/<chain-hex>/diff   a layer unpacked once per chain ID, in overlay "diff" form;
                               read-only lower layer for every container that uses it
+    layers/<chain-hex>/layer.erofs
+                              the same layer as an erofs image, built on first use by a
+                              utility VM (a read-only disk shared by every VM; erofs.py)
     tmp/                      staging areas of imports in progress
     store.lock                imports hold it shared, garbage collection exclusive
     locks/<chain-hex>.lock    held while a chain is checked, unpacked and committed
@@ -210,6 +213,43 @@ class ImageStore:
 
     def layer_diff(self, chain_id: str) -> Path:
         return self.layer_dir(chain_id) / "diff"
+
+    def _chain_lock(self, chain_id: str) -> AbstractContextManager[None]:
+        """The lock an import holds while it checks, unpacks and commits the chain."""
+        return self._flock(self.root / "locks" / f"{digest_hex(chain_id)}.lock", fcntl.LOCK_EX)
+
+    # ---- erofs images of layers, for utility VMs ---------------------------------------
+
+    def layer_erofs(self, chain_id: str) -> Path:
+        """The layer as an uncompressed erofs image, ``layers/<chain-hex>/layer.erofs``.
+
+        Built on first use and kept with the layer (gc removes both together). Builders
+        serialise on the chain's lock, so concurrent callers build it once; they hold the
+        store lock shared meanwhile, so gc cannot delete the layer under mkfs.erofs. The
+        temporary file lives in ``tmp/``: a builder killed midway leaves garbage that gc
+        removes, never a partial image under the final name. The caller keeps the layer
+        alive afterwards with a lease (:meth:`lease`), as for ``diff``.
+        Raises ToolMissing without mkfs.erofs, ImageNotFound for an unknown layer.
+        """
+        from isobox.storage.erofs import build_erofs
+
+        path = self.layer_dir(chain_id) / "layer.erofs"
+        if path.is_file():
+            return path
+        with self._store_lock(exclusive=False), self._chain_lock(chain_id):
+            if path.is_file():
+                return path
+            known = self.db.query("SELECT 1 FROM layers WHERE chain_id = ?", (chain_id,))
+            diff = self.layer_diff(chain_id)
+            if not known or not diff.is_dir():
+                raise ImageNotFound(f"no such layer: {chain_id}")
+            build_erofs(diff, path, tmp_dir=self.root / "tmp")
+        return path
+
+    def image_erofs_layers(self, ref: str) -> list[Path]:
+        """The erofs images of an image's layers, top layer first (as :attr:`Mounts.lower`)."""
+        chains = [layer.chain_id for layer in self.get(ref).layers]
+        return [self.layer_erofs(c) for c in reversed(chains)]
 
     # ---- lookups -----------------------------------------------------------------------
 
