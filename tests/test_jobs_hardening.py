@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import resource
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from _jobs_backend import cfs_quota_period, cg_file, hierarchy_dirs, in_job, machine_backend
 from isobox.errors import InvalidArgument, IsoboxError
 from isobox.jobs import Job, Limits
 from isobox.jobs.cgroup import V1_CONTROLLERS as V1_CTRLS  # every hierarchy a job uses
@@ -29,12 +29,18 @@ from isobox.jobs.cgroup import V1_CONTROLLERS as V1_CTRLS  # every hierarchy a j
 PY = [sys.executable, "-S", "-c"]
 HOG_MEM = "b = []\nwhile True:\n    b.append(bytearray(1 << 20))\n"
 
-v1 = pytest.mark.cgroup1
+v1 = pytest.mark.cgroup1  # only for what is v1's own (its hierarchies, its semantics)
 
 
 @pytest.fixture
 def on_v1(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ISOBOX_CGROUP_VERSION", "1")
+
+
+@pytest.fixture
+def on_any(monkeypatch: pytest.MonkeyPatch) -> int:
+    """The machine's cgroup backend (1 or 2) for the test's jobs; see _jobs_backend."""
+    return machine_backend(monkeypatch)
 
 
 def isobox(*args: str, timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -110,20 +116,24 @@ def closing(job: Job) -> Iterator[Job]:
 # (by any of the routes below), and an unconfined one that leaves every hierarchy is outside
 # the job -- but close() still completes and leaves nothing behind.
 
-ESCAPE = ("for f in /sys/fs/cgroup/*/cgroup.procs /proc/1/root/sys/fs/cgroup/*/cgroup.procs; do "
-          "echo $$ > $f; done 2>/dev/null; exec sleep 30")
+# Every cgroup.procs it can name: v1's per hierarchy, v2's root and its children.
+ESCAPE = ("for f in /sys/fs/cgroup/cgroup.procs /sys/fs/cgroup/*/cgroup.procs "
+          "/proc/1/root/sys/fs/cgroup/cgroup.procs /proc/1/root/sys/fs/cgroup/*/cgroup.procs; do "
+          "[ -e $f ] && echo $$ > $f; done 2>/dev/null; exec sleep 30")
 # Confined only: unconfined, these would succeed in the host's mount namespace.
 ESCAPE_BY_MOUNT = (
     "mount -o remount,rw /sys/fs/cgroup/pids 2>/dev/null && echo $$ > "
     "/sys/fs/cgroup/pids/cgroup.procs; "
     "d=$(mktemp -d) && mount -t cgroup -o pids none $d 2>/dev/null && "
-    "echo $$ > $d/cgroup.procs; umount $d 2>/dev/null; rmdir $d; "
+    "echo $$ > $d/cgroup.procs; umount $d 2>/dev/null; "
+    "mount -o remount,rw /sys/fs/cgroup 2>/dev/null && echo $$ > /sys/fs/cgroup/cgroup.procs; "
+    "mount -t cgroup2 none $d 2>/dev/null && echo $$ > $d/cgroup.procs; umount $d 2>/dev/null; "
+    "rmdir $d; "
 )
 
 
-@v1
 @pytest.mark.timeout(60)
-def test_a_confined_process_cannot_migrate_out_of_its_job(on_v1: None) -> None:
+def test_a_confined_process_cannot_migrate_out_of_its_job(on_any: int) -> None:
     """spawn(confine=True): writes to every cgroup.procs it can name (directly, through
     /proc/1/root, after a remount, through a fresh cgroupfs mount) all fail; the process
     stays in every hierarchy of the job and dies with kill-on-close."""
@@ -132,8 +142,8 @@ def test_a_confined_process_cannot_migrate_out_of_its_job(on_v1: None) -> None:
     try:
         time.sleep(1.0)
         cgroups = Path(f"/proc/{proc.pid}/cgroup").read_text().splitlines()
-        outside = [ln for ln in cgroups if ln.split(":")[1] in V1_CTRLS and job.name not in ln]
-        assert not outside, f"left the job in: {outside}"
+        inside, outside = in_job(cgroups, job)
+        assert inside and not outside, f"left the job in: {outside}"
         job.close()
         assert proc.wait(timeout=5) == -signal.SIGKILL
     finally:
@@ -142,9 +152,8 @@ def test_a_confined_process_cannot_migrate_out_of_its_job(on_v1: None) -> None:
         _rmtree_cgroup(job.cgroup.dirs())
 
 
-@v1
 @pytest.mark.timeout(60)
-def test_confined_commands_run_normally(on_v1: None) -> None:
+def test_confined_commands_run_normally(on_any: int) -> None:
     with closing(Job()) as job:
         out = job.spawn(["sh", "-c", "grep CapBnd /proc/self/status; echo ok"], confine=True,
                         stdout=subprocess.PIPE).communicate(timeout=20)[0].decode()
@@ -155,9 +164,8 @@ def test_confined_commands_run_normally(on_v1: None) -> None:
                          stderr=subprocess.DEVNULL).wait(timeout=20) == 127
 
 
-@v1
 @pytest.mark.timeout(60)
-def test_an_unconfined_root_process_can_leave_but_close_completes(on_v1: None) -> None:
+def test_an_unconfined_root_process_can_leave_but_close_completes(on_any: int) -> None:
     """The documented limit of a host job: an unconfined root process that moves itself out
     of every hierarchy is no longer in the job. close() does not hang or fail on it, and
     removes every cgroup folder."""
@@ -197,9 +205,8 @@ def test_close_survives_a_process_that_left_only_the_pids_hierarchy(on_v1: None)
 # ---- 2. terminate / kill-on-close vs. a frozen nested job --------------------------------------
 
 
-@v1
 @pytest.mark.timeout(60)
-def test_terminate_kills_a_frozen_nested_job(on_v1: None) -> None:
+def test_terminate_kills_a_frozen_nested_job(on_any: int) -> None:
     """v1 kill_all freezes, SIGKILLs and thaws the *parent*; thawing the parent does not thaw a
     child that was frozen itself, so its processes never die: terminate() spins 10 s and
     raises CgroupError."""
@@ -215,9 +222,8 @@ def test_terminate_kills_a_frozen_nested_job(on_v1: None) -> None:
         assert proc.wait(timeout=2) == -signal.SIGKILL
 
 
-@v1
 @pytest.mark.timeout(60)
-def test_reaper_cleans_up_a_frozen_nested_job_after_the_owner_is_killed(on_v1: None) -> None:
+def test_reaper_cleans_up_a_frozen_nested_job_after_the_owner_is_killed(on_any: int) -> None:
     """Same cause, worse outcome: the owner is SIGKILLed while a nested job is frozen; the
     reaper's kill_all fails (suppressed), rmdir gives up, and the frozen process and every
     cgroup dir stay forever."""
@@ -249,9 +255,8 @@ def test_reaper_cleans_up_a_frozen_nested_job_after_the_owner_is_killed(on_v1: N
 # ---- 3. kill_on_close=False: no reaper at all --------------------------------------------------
 
 
-@v1
 @pytest.mark.timeout(60)
-def test_no_cgroup_left_when_owner_of_a_non_kill_on_close_job_is_killed(on_v1: None) -> None:
+def test_no_cgroup_left_when_owner_of_a_non_kill_on_close_job_is_killed(on_any: int) -> None:
     """The reaper is only started with kill_on_close (job.py:83), although reaper.py has the
     'wait for the job to empty, then remove' branch for exactly this case."""
     code = (
@@ -309,9 +314,8 @@ def test_monitor_survives_a_nested_job_closing_while_its_oom_eventfd_fires(on_v1
 # ---- 5. accounting: pid reuse, CLONE_PARENT, moves between nested jobs ------------------------
 
 
-@v1
 @pytest.mark.timeout(60)
-def test_pid_reuse_before_the_exit_event_is_handled_loses_counts(on_v1: None) -> None:
+def test_pid_reuse_before_the_exit_event_is_handled_loses_counts(on_any: int) -> None:
     """track() skips a pid that is still in members (a stale entry whose Exit is queued), and
     the queued Exit then pops the *new* process: it, its children and its exit are never
     counted. pid_max is 32768 here, so reuse is ordinary; the test forces it with
@@ -337,9 +341,8 @@ def test_pid_reuse_before_the_exit_event_is_handled_loses_counts(on_v1: None) ->
         assert (acct.total_processes, acct.terminated_processes) == (ran, ran)
 
 
-@v1
 @pytest.mark.timeout(60)
-def test_clone_parent_children_are_counted(on_v1: None) -> None:
+def test_clone_parent_children_are_counted(on_any: int) -> None:
     """Fork events are attributed by the *real parent*'s tgid. clone(CLONE_PARENT) from the
     job's top process makes the owner (outside the job) the real parent, so those children
     run in the job's cgroup but are in neither total_processes nor terminated_processes --
@@ -366,9 +369,8 @@ def test_clone_parent_children_are_counted(on_v1: None) -> None:
         assert not zombies, f"zombies of the owner: {zombies}"
 
 
-@v1
 @pytest.mark.timeout(60)
-def test_moving_a_process_between_nested_jobs_does_not_double_count(on_v1: None) -> None:
+def test_moving_a_process_between_nested_jobs_does_not_double_count(on_any: int) -> None:
     with closing(Job()) as parent:
         child = Job("inner", parent=parent)
         proc = child.spawn(["sleep", "30"])
@@ -421,7 +423,6 @@ def test_assign_places_children_forked_during_the_move_in_every_hierarchy(on_v1:
 # ---- 7. live updates of a parent with nested jobs fail on v1 ----------------------------------
 
 
-@v1
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("before", "after"), [
     (Limits(cpu_rate=5000), Limits(cpu_rate=1000)),
@@ -430,7 +431,7 @@ def test_assign_places_children_forked_during_the_move_in_every_hierarchy(on_v1:
     (Limits(cpu_rate=1000), Limits(cpu_rate=5)),  # a longer period on the way down
     (Limits(cpuset="0"), Limits(cpuset="1")),  # neither a subset: through the union
 ])
-def test_tightening_a_parent_with_a_nested_job(on_v1: None, before: Limits,
+def test_tightening_a_parent_with_a_nested_job(on_any: int, before: Limits,
                                                after: Limits) -> None:
     """update() writes the parent first, then re-clamps children. v1 refuses a parent
     cfs_quota below a child's (EINVAL) and a parent cpuset that drops a child's CPUs
@@ -442,8 +443,8 @@ def test_tightening_a_parent_with_a_nested_job(on_v1: None, before: Limits,
         job.update(after)
         assert child.effective.cpu_rate == after.cpu_rate or after.cpu_rate is None
         if after.cpuset:
-            cpuset_dir = next(d for d in child.cgroup.dirs() if "/cpuset/" in d)
-            assert Path(cpuset_dir, "cpuset.cpus").read_text().strip() == after.cpuset
+            cpus = cg_file(child, ("cpuset", "cpuset.cpus"), "cpuset.cpus").read_text()
+            assert cpus.strip() == after.cpuset
             assert child.effective.cpuset == after.cpuset == job.effective.cpuset
 
 
@@ -472,10 +473,9 @@ def test_a_failed_update_leaves_effective_as_written(on_v1: None) -> None:
 # isobox now documents ``pids`` as a task limit (limits.py, README): the test checks that.
 
 
-@v1
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("threads", "ok"), [(3, True), (8, False)])
-def test_pids_limit_counts_tasks_threads_included(on_v1: None, threads: int, ok: bool) -> None:
+def test_pids_limit_counts_tasks_threads_included(on_any: int, threads: int, ok: bool) -> None:
     code = ("import threading, time\n"
             f"ts = [threading.Thread(target=time.sleep, args=(0.2,)) for _ in range({threads})]\n"
             "[t.start() for t in ts]\n[t.join() for t in ts]\n")
@@ -488,21 +488,21 @@ def test_pids_limit_counts_tasks_threads_included(on_v1: None, threads: int, ok:
 # ---- 9. job names: check-then-create race -------------------------------------------------------
 
 
-@v1
 @pytest.mark.timeout(60)
-def test_two_jobs_cannot_share_one_name(on_v1: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_jobs_cannot_share_one_name(on_any: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Job.__init__ checks exists() and then create() swallows FileExistsError for the job's
     own dir, so two owners racing on one name both succeed and share one cgroup (the first
     close kills the other's processes). The delay only widens the window."""
-    from isobox.jobs.cgroup import CgroupV1
+    from isobox.jobs.cgroup import Cgroup, CgroupV1, CgroupV2
 
-    real_create = CgroupV1.create
+    backend = CgroupV1 if on_any == 1 else CgroupV2
+    real_create = backend.create
 
-    def slow_create(self: CgroupV1) -> None:
+    def slow_create(self: Cgroup) -> None:
         time.sleep(0.3)
         real_create(self)
 
-    monkeypatch.setattr(CgroupV1, "create", slow_create)
+    monkeypatch.setattr(backend, "create", slow_create)
     name = f"review-same-{os.getpid()}"
     made: list[Job] = []
     errors: list[BaseException] = []
@@ -531,9 +531,8 @@ def test_two_jobs_cannot_share_one_name(on_v1: None, monkeypatch: pytest.MonkeyP
 # ---- 10. fds and a thread left when Job() fails after its monitor started ---------------------
 
 
-@v1
 @pytest.mark.timeout(60)
-def test_failed_job_creation_leaves_no_thread_or_fds(on_v1: None,
+def test_failed_job_creation_leaves_no_thread_or_fds(on_any: int,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """If _start_reaper (Popen: EAGAIN under a pids limit on the engine, EMFILE) or
     _Monitor.watch fails, __init__ removes the cgroup but never stops the monitor: its
@@ -558,9 +557,8 @@ def test_failed_job_creation_leaves_no_thread_or_fds(on_v1: None,
 # ---- 11. things left in the cgroup filesystem -------------------------------------------------
 
 
-@v1
 @pytest.mark.timeout(60)
-def test_no_parent_dirs_left_after_the_last_job(on_v1: None,
+def test_no_parent_dirs_left_after_the_last_job(on_any: int,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """create() makes the missing parents (<engine's cgroup>/isobox or
     $ISOBOX_CGROUP_PARENT) but nothing ever removes them. In the default layout the memory
@@ -570,7 +568,7 @@ def test_no_parent_dirs_left_after_the_last_job(on_v1: None,
     monkeypatch.setenv("ISOBOX_CGROUP_PARENT", f"{top}/jobs")
     job = Job()
     job.close()
-    left = sorted(glob.glob(f"/sys/fs/cgroup/*/{top}"))
+    left = hierarchy_dirs(top)
     _rmtree_cgroup(left)
     assert not left, f"left behind: {left}"
 
@@ -596,31 +594,25 @@ def test_cfs_period_keeps_small_rates_exact() -> None:
                 assert enforced_cpu_rate(rate, ncpu) >= real
 
 
-@v1
 @pytest.mark.timeout(60)
-def test_an_impossible_cpu_rate_is_clamped_and_said_so(on_v1: None) -> None:
+def test_an_impossible_cpu_rate_is_clamped_and_said_so(on_any: int) -> None:
     """cpu_rate=1 (0.01% of the machine) is below 1 ms per 1 s on this host: the nearest
     enforceable rate is used and listed in clamped."""
     with closing(Job(limits=Limits(cpu_rate=1))) as job:
         if job.ncpu >= 10:
             pytest.skip("1/10000 of 10+ CPUs is enforceable")
-        cpu_dir = next(d for d in job.cgroup.dirs() if "/cpu/" in d)
-        assert Path(cpu_dir, "cpu.cfs_quota_us").read_text().strip() == "1000"
-        assert Path(cpu_dir, "cpu.cfs_period_us").read_text().strip() == "1000000"
+        assert cfs_quota_period(job) == (1000, 1_000_000)
         assert "cpu_rate" in job.effective.clamped
         assert job.effective.cpu_rate == -(-10 // job.ncpu)
 
 
-@v1
 @pytest.mark.timeout(60)
-def test_small_cpu_rate_is_not_silently_loosened(on_v1: None) -> None:
+def test_small_cpu_rate_is_not_silently_loosened(on_any: int) -> None:
     """cpu_rate=10 (0.1% of the machine) is written as max(1000, 200) us per 100 ms period:
     1% of a CPU, several times the requested cap, and not reported in `clamped`. A longer
     period (up to 1 s) keeps the ratio exact down to the 1 ms minimum quota."""
     with closing(Job(limits=Limits(cpu_rate=10))) as job:
-        cpu_dir = next(d for d in job.cgroup.dirs() if "/cpu/" in d)
-        quota = int(Path(cpu_dir, "cpu.cfs_quota_us").read_text())
-        period = int(Path(cpu_dir, "cpu.cfs_period_us").read_text())
+        quota, period = cfs_quota_period(job)
         rate = quota / period / job.ncpu * 10000
         assert rate <= 10 * 1.1 or "cpu_rate" in job.effective.clamped, (
             f"cpu_rate 10 enforced as {rate:.0f}")
@@ -629,7 +621,6 @@ def test_small_cpu_rate_is_not_silently_loosened(on_v1: None) -> None:
 # ---- 13. the CLI: tracebacks, Ctrl-C --------------------------------------------------------
 
 
-@v1
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("args", [
     ["--cpus", "nan"],
@@ -637,7 +628,7 @@ def test_small_cpu_rate_is_not_silently_loosened(on_v1: None) -> None:
     ["--io-read-bps", "/etc/passwd/x:1m"],
     ["--cpuset", "0-99999"],
 ])
-def test_cli_bad_values_give_one_line_not_a_traceback(on_v1: None, args: list[str]) -> None:
+def test_cli_bad_values_give_one_line_not_a_traceback(on_any: int, args: list[str]) -> None:
     proc = isobox("job", "run", *args, "--", "true")
     assert "Traceback" not in proc.stderr, proc.stderr[-400:]
     assert proc.returncode == 2
@@ -656,9 +647,8 @@ def test_cli_huge_cpuset_range_is_refused_not_expanded() -> None:
     assert proc.returncode == 2
 
 
-@v1
 @pytest.mark.timeout(60)
-def test_cli_ctrl_c_reaches_the_command_once(on_v1: None) -> None:
+def test_cli_ctrl_c_reaches_the_command_once(on_any: int) -> None:
     """The command shares isobox's process group, so a terminal's Ctrl-C reaches it directly
     *and* isobox's forward() sends it again: the command sees two SIGINTs (many programs
     treat the second one as 'force quit')."""
@@ -683,10 +673,9 @@ def test_cli_ctrl_c_reaches_the_command_once(on_v1: None) -> None:
         p.wait()
 
 
-@v1
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("key", [b"\x03", b"\x1a"])
-def test_cli_at_a_terminal_the_command_has_the_foreground(on_v1: None, key: bytes) -> None:
+def test_cli_at_a_terminal_the_command_has_the_foreground(on_any: int, key: bytes) -> None:
     """On a real terminal (a pty, isobox its session leader): ^C reaches the command once,
     from the kernel; ^Z stops the command and then isobox (as a shell's job control wants),
     and continuing isobox gives the command the terminal back and continues it."""
@@ -805,9 +794,8 @@ def test_v2_nested_memory_events_are_counted_once(tmp_path: Path) -> None:
     assert str(child / "procs" / "memory.events.local") in watched
 
 
-@v1
 @pytest.mark.timeout(60)
-def test_close_from_an_event_callback(on_v1: None) -> None:
+def test_close_from_an_event_callback(on_any: int) -> None:
     """close() in an on_event callback runs on the monitor thread: it must not join that
     thread from itself; the thread ends and closes its descriptors after the callback."""
     done = threading.Event()
@@ -835,9 +823,8 @@ def test_close_from_an_event_callback(on_v1: None) -> None:
         _rmtree_cgroup(job.cgroup.dirs())
 
 
-@v1
 @pytest.mark.timeout(60)
-def test_a_failing_callback_does_not_stop_the_monitor(on_v1: None) -> None:
+def test_a_failing_callback_does_not_stop_the_monitor(on_any: int) -> None:
     def on_event(_ev: object) -> None:
         raise RuntimeError("a bug in the caller's callback")
 
@@ -849,9 +836,8 @@ def test_a_failing_callback_does_not_stop_the_monitor(on_v1: None) -> None:
         assert job._monitor._thread.is_alive()
 
 
-@v1
 @pytest.mark.timeout(60)
-def test_lost_process_events_are_reconciled(on_v1: None) -> None:
+def test_lost_process_events_are_reconciled(on_any: int) -> None:
     """After ENOBUFS (events dropped), members no longer in the job count as ended and
     processes in the job that were never seen are counted."""
     with closing(Job()) as job:
@@ -868,9 +854,8 @@ def test_lost_process_events_are_reconciled(on_v1: None) -> None:
         assert mon.members.get(proc.pid) is job
 
 
-@v1
 @pytest.mark.timeout(120)
-def test_parents_come_and_go_under_concurrent_jobs(on_v1: None,
+def test_parents_come_and_go_under_concurrent_jobs(on_any: int,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """One job's close removes the shared (empty) parent while another job creates its own
     below it: create() retries, nobody fails, nothing is left."""
@@ -890,15 +875,14 @@ def test_parents_come_and_go_under_concurrent_jobs(on_v1: None,
         t.start()
     for t in threads:
         t.join()
-    left = sorted(glob.glob(f"/sys/fs/cgroup/*/{top}"))
+    left = hierarchy_dirs(top)
     _rmtree_cgroup(left)
     assert not errors, errors
     assert not left, f"left behind: {left}"
 
 
-@v1
 @pytest.mark.timeout(60)
-def test_kill_on_close_false_reaper_waits_for_the_job_to_empty(on_v1: None) -> None:
+def test_kill_on_close_false_reaper_waits_for_the_job_to_empty(on_any: int) -> None:
     """Without kill-on-close, the reaper leaves running processes alone after the owner is
     killed, and removes the cgroups once they are gone."""
     code = (
