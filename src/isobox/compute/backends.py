@@ -69,6 +69,10 @@ def make_backend(plan: Plan) -> Backend:
         return ProcessBackend(plan)
     if plan.isolation == "host":
         return HostBackend(plan)
+    if plan.isolation == "vm":
+        from isobox.compute.vm_backend import VmBackend
+
+        return VmBackend(plan)
     raise InvalidArgument(f"the monitor cannot run isolation {plan.isolation!r}")
 
 

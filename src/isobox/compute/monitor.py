@@ -256,8 +256,9 @@ class Monitor:
         for p in mounts.lower:
             if not p.is_dir():
                 raise NotFound(f"container {plan.id}: image layer {p} is missing")
-        mount_image_root(mounts, rootfs)
-        self._undo.append(("root mount", lambda: unmount_image_root(rootfs)))
+        if plan.isolation != "vm":  # a utility VM mounts its root itself, from disks
+            mount_image_root(mounts, rootfs)
+            self._undo.append(("root mount", lambda: unmount_image_root(rootfs)))
 
         log = LogWriter(plan.log_path)
         self._undo.append(("log", log.close))
@@ -274,7 +275,13 @@ class Monitor:
             main.stdin = master if plan.stdin else None
         main.pid = self.backend.pid
         main.main = True
-        self._watch_cgroup()
+        events_fd = getattr(self.backend, "events_fd", None)
+        if events_fd is not None:
+            # A backend whose processes are no children of this one (vm): their exits
+            # arrive on this descriptor instead of SIGCHLD.
+            self._watch(events_fd(), self._backend_exits)
+        else:
+            self._watch_cgroup()
         sock_path = plan.socket_path
         sock_path.unlink(missing_ok=True)
         lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -443,7 +450,29 @@ class Monitor:
             self.backend.resume()  # a frozen process takes the SIGKILL when thawed
             self.state = "running"
 
+    def _backend_exits(self) -> None:
+        for pid, status in self.backend.take_exits():  # type: ignore[attr-defined]
+            self._ended(pid, status)
+
+    def _ended(self, pid: int, status: int) -> None:
+        proc = self.procs.get(pid)
+        if proc is None and self.main is not None and pid == self.main.pid:
+            proc = self.main
+        if proc is None:
+            return
+        if proc.main:
+            why = getattr(self.backend, "error", None)
+            if why and self.error is None:
+                self.error = str(why)
+            self._main_exited(status)
+        else:
+            proc.status = status
+            proc.exited_at = time.monotonic()
+            self._drain(proc)
+
     def _reap(self) -> None:
+        if not getattr(self.backend, "reaps_children", True):
+            return  # vm: QEMU is a child, reaped by its own watcher
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -923,10 +952,24 @@ class Monitor:
             v = self.plan.limits.get(host_key)
             return int(v) if v is not None else None
         res = self.plan.oci.get("linux", {}).get("resources", {})
+        if self.plan.isolation == "vm":
+            res = self.plan.vm.get("oci", {}).get("resources", {})
         v = res.get(oci_key, {}).get("limit")
         return int(v) if v else None
 
     def _stats(self) -> dict[str, Any]:
+        own = getattr(self.backend, "stats", None)
+        if own is not None:  # vm: the guest's cgroup, through the agent
+            g: dict[str, Any] = own()
+            return {
+                "read": now_ts(), "cpuUsageNs": int(g.get("cpuUsageNs") or 0),
+                "cpuPercent": 0.0, "memoryBytes": int(g.get("memoryBytes") or 0),
+                "memoryLimit": self._limit("memory", "memory"),
+                "memoryPeakBytes": g.get("memoryPeakBytes"), "pids": int(g.get("pids") or 0),
+                "pidsLimit": self._limit("pids", "pids"), "totalProcesses": None,
+                "ioReadBytes": int(g.get("ioReadBytes") or 0),
+                "ioWriteBytes": int(g.get("ioWriteBytes") or 0),
+            }
         cg = self.backend.cgroup()
         c = cg.read()
         pids = self.backend.pids()
@@ -945,6 +988,11 @@ class Monitor:
         }
 
     def _top(self) -> list[dict[str, Any]]:
+        own = getattr(self.backend, "top", None)
+        if own is not None:  # vm: the guest's processes, through the agent
+            # ``pid`` is the host's view: none of these is a host process (0, as the wire
+            # format says); ``containerPid`` is the container's.
+            return [{**e, "pid": 0} for e in own()]
         out = []
         for pid in sorted(self.backend.pids()):
             entry = process_entry(pid)

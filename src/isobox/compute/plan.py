@@ -40,16 +40,27 @@ if TYPE_CHECKING:
     from isobox.storage.store import Mounts
 
 PLAN_VERSION = 1
-ISOLATIONS = ("process", "host")
+ISOLATIONS = ("process", "host", "vm")
 MOUNT_POINT_ENV = "ISOBOX_SANDBOX_MOUNT_POINT"
 CPU_PERIOD_US = 100_000
+#: VM isolation: the VM's memory is the container's limit plus this (guest kernel, agent,
+#: page cache), and never less than VM_MIN_MIB.
+VM_OVERHEAD_MIB = 192
+VM_MIN_MIB = 256
+VM_DEFAULT_MIB = 512  # no --memory: the container may use what the guest has
+#: Where things are inside the utility VM (the guest's paths, never the host's).
+GUEST_BUNDLE = "/run/isobox/c"
+GUEST_LAYERS = "/run/isobox/layers"
+GUEST_SHARES = "/run/isobox/shares"
+GUEST_SCRATCH = "/scratch"  # the guest's init mounts the disk with serial "scratch" here
+SCRATCH_DISK = "scratch.ext4"
 
 
 @dataclass
 class Plan:
     id: str
     name: str
-    isolation: str  # "process" | "host"
+    isolation: str  # "process" | "host" | "vm"
     container_dir: str  # $ISOBOX_ROOT/containers/<id>
     run_dir: str  # $ISOBOX_RUN/containers/<id>
     lower: list[str]  # the image's layers, top first
@@ -61,6 +72,7 @@ class Plan:
     limits: dict[str, Any] = field(default_factory=dict)  # host isolation: Limits fields
     tty: bool = False
     stdin: bool = False
+    vm: dict[str, Any] = field(default_factory=dict)  # vm isolation: see :func:`vm_plan`
 
     @property
     def log_path(self) -> Path:
@@ -329,6 +341,12 @@ def build_plan(
                              _layer_file(layers, "etc/group"))
         plan.oci = _oci_config(doc, argv, env, cwd, ident=ident, container_id=container_id,
                                rootfs=rootfs)
+    elif isolation == "vm":
+        layers = [mounts.upper, *mounts.lower]
+        ident = resolve_user(user, _layer_file(layers, "etc/passwd"),
+                             _layer_file(layers, "etc/group"))
+        plan.vm = vm_plan(doc, argv, env, cwd, ident=ident, container_id=container_id,
+                          mounts=mounts, container_dir=container_dir)
     else:
         ident = _host_identity(user)
         plan.host = _host_process(argv, env, cwd, ident=ident, rootfs=rootfs, tty=p.tty)
@@ -391,3 +409,60 @@ def _host_process(argv: list[str], env: list[str], cwd: str, *, ident: Identity,
         env = merge_env(env, [f"HOME={ident.home}"])
     return {"args": argv, "env": env, "cwd": str(rootfs) + (cwd if cwd != "/" else ""),
             "uid": ident.uid, "gid": ident.gid, "additionalGids": ident.additional_gids}
+
+
+# ---- vm isolation ----------------------------------------------------------------------------
+
+
+def vm_size(doc: ComputeSystem) -> tuple[int, int]:
+    """(memory MiB, vCPUs) of the utility VM of ``doc``: the container's memory limit plus
+    :data:`VM_OVERHEAD_MIB` (at least :data:`VM_MIN_MIB`; :data:`VM_DEFAULT_MIB` without a
+    limit), and ``ceil(cpus)`` vCPUs (1 without ``--cpus``), at most the host's CPUs."""
+    import math
+
+    r = doc.resources
+    if r.memory is None:
+        mib = VM_DEFAULT_MIB
+    else:
+        mib = max(VM_MIN_MIB, -(-r.memory // (1 << 20)) + VM_OVERHEAD_MIB)
+    cpus = max(1, math.ceil(r.cpus)) if r.cpus is not None else 1
+    return mib, min(cpus, os.cpu_count() or 1)
+
+
+def vm_plan(doc: ComputeSystem, argv: list[str], env: list[str], cwd: str, *,
+            ident: Identity, container_id: str, mounts: Mounts,
+            container_dir: Path) -> dict[str, Any]:
+    """What the vm backend needs: the VM's shape, its disks and shares (host paths), and
+    the container's ``SiloConfig`` as the guest agent takes it (guest paths only).
+
+    The OCI config is the very one process isolation gets (same defaults, capabilities,
+    seccomp, masked paths, limits), converted here on the host (pydantic stays out of the
+    guest), with the root at :data:`GUEST_BUNDLE` and each mapped directory's source
+    replaced by the guest path its 9p share is mounted at."""
+    from isobox.silo.config import from_oci, to_json
+    from isobox.spec.runtime import parse_config
+
+    rootfs = Path(GUEST_BUNDLE) / "rootfs"
+    oci = _oci_config(doc, argv, env, cwd, ident=ident, container_id=container_id,
+                      rootfs=rootfs)
+    shares: list[dict[str, Any]] = []
+    for m in oci["mounts"]:
+        if m.get("type") != "bind":
+            continue
+        tag = f"m{len(shares)}"
+        ro = "ro" in m.get("options", [])
+        shares.append({"tag": tag, "source": m["source"], "readOnly": ro,
+                       "guest": f"{GUEST_SHARES}/{tag}"})
+        m["source"] = f"{GUEST_SHARES}/{tag}"
+    silo = to_json(from_oci(parse_config(json.dumps(oci), "plan.vm"), Path(GUEST_BUNDLE)))
+    mib, cpus = vm_size(doc)
+    return {
+        "memoryMib": mib, "cpus": cpus,
+        # Top first, as overlayfs' lowerdir lists them; each is one read-only disk.
+        "layers": [str(p) for p in mounts.lower],
+        "scratch": str(container_dir / SCRATCH_DISK),
+        "scratchSeed": str(Path(mounts.upper).parent),  # the host scratch layer (upper/work)
+        "shares": shares,
+        "silo": silo,
+        "oci": {"resources": oci["linux"]["resources"]},
+    }

@@ -77,11 +77,55 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Isolations a container can run under now; ``vm`` arrives with the utility-VM issue.
-RUNNABLE = ("process", "host")
-VM_UNAVAILABLE = "vm isolation is not available yet (utility VMs arrive with the uvm issue)"
+#: Isolations a container can run under (``vm`` when :func:`vm_unavailable` says so).
+RUNNABLE = ("process", "host", "vm")
 #: Kinds of allocation that belong to one run (released when it ends), newest first.
-RUNTIME_KINDS = ("monitor", "mount", "cgroup", "rundir", network_glue.ENDPOINT_KIND)
+RUNTIME_KINDS = ("monitor", "uvm", "mount", "cgroup", "rundir", network_glue.ENDPOINT_KIND)
+
+
+def vm_unavailable() -> str | None:
+    """Why vm isolation cannot run here (no QEMU, no utility-VM assets), or None. Cheap:
+    it never builds the assets nor boots anything."""
+    from isobox.errors import ToolMissing
+    from isobox.uvm.accel import qemu_binary
+    from isobox.uvm.assets import load_assets
+
+    try:
+        qemu_binary()
+    except ToolMissing as exc:
+        return f"vm isolation: {exc}"
+    if load_assets() is None:
+        return "vm isolation: the utility-VM assets are not built (run `isobox uvm build`)"
+    return None
+
+
+def _check_vm(doc: ComputeSystem) -> None:
+    why = vm_unavailable()
+    if why is not None:
+        raise IsolationUnavailable(why)
+    mode = doc.network.mode
+    if mode != "none":
+        raise IsolationUnavailable(
+            f"network.mode {mode!r}: vm isolation runs with network mode 'none' only for "
+            "now (utility VMs get no network device yet); pass --network none")
+
+
+def _kill_uvm(data: dict[str, Any]) -> None:
+    """Release of a run's utility VM (kind ``uvm``): normally its monitor ended it; after a
+    crash its QEMU (own session, outlives the monitor) is found by its pid file and the
+    VM's name on its command line, killed, and its run folder removed."""
+    folder = Path(str(data["dir"]))
+    try:
+        pid = int((folder / "qemu.pid").read_text().strip())
+    except (OSError, ValueError):
+        pid = 0
+    if pid > 0:
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if f"isobox-{data['vm']}".encode() in cmd:
+                os.kill(pid, signal_mod.SIGKILL)
+                _wait_gone(pid, None, 10.0)
+    shutil.rmtree(folder, ignore_errors=True)
 #: Exit code recorded when a container's monitor vanished without writing status.json.
 LOST_EXIT = 255
 _FINISHED_KEPT = 1024
@@ -396,6 +440,8 @@ class ComputeService:
                 os.unlink(d["socket"])
         elif a.kind == "cgroup":
             _kill_cgroup(str(d["name"]))
+        elif a.kind == "uvm":
+            _kill_uvm(d)
         elif a.kind == "rundir":
             _rmtree(Path(d["path"]))
         elif a.kind == network_glue.ENDPOINT_KIND:
@@ -426,7 +472,7 @@ class ComputeService:
         Nothing runs yet. On any failure everything made is released and the row deleted.
         """
         if doc.isolation == "vm":
-            raise IsolationUnavailable(VM_UNAVAILABLE)
+            _check_vm(doc)
         network_glue.check(doc, doc.isolation)
         image = self.store.get(doc.image)
         config_bytes = self.store.blobs.read_bytes(image.config_digest)
@@ -521,18 +567,27 @@ class ComputeService:
             if not self._settle(cid):
                 raise Conflict(f"container {row.name}: its last run is still being released")
             iso = isolation or row.isolation
-            if iso == "vm":
-                raise IsolationUnavailable(VM_UNAVAILABLE)
             if iso not in RUNNABLE:
                 raise InvalidArgument(f"unknown isolation {iso!r} (process, host, vm)")
             doc = parse_document(row.document)
             if doc.isolation != iso:
                 doc = doc.model_copy(update={"isolation": iso})
+            if iso == "vm":
+                _check_vm(doc)
             cdir = self.container_dir(cid)
             rdir = self.run_dir(cid)
-            plan = build_plan(doc, self._image_config(cid), self._mounts(cid),
+            mounts = self._mounts(cid)
+            disk = cdir / "scratch.ext4"
+            if iso != "vm" and disk.exists():
+                # The last run was under vm isolation: its changes come home first.
+                from isobox.compute.vm_backend import copy_scratch_back
+
+                copy_scratch_back(disk, mounts.upper)
+            plan = build_plan(doc, self._image_config(cid), mounts,
                               container_id=cid, name=row.name, isolation=iso,
                               container_dir=cdir, run_dir=rdir)
+            if iso == "vm":
+                plan.vm["layerDisks"] = [str(p) for p in self._layer_disks(row, mounts)]
             net = network_glue.decide(doc, iso, cid, self._netns_of)
             network_glue.apply_to_plan(
                 plan, net, join_dir=self.container_dir(net.join_id) if net.join_id else None)
@@ -551,6 +606,11 @@ class ComputeService:
                     raise
             self.db.record(cid, "cgroup", {"name": cid})
             self.db.record(cid, "rundir", {"path": str(rdir)})
+            if iso == "vm":
+                from isobox.compute.vm_backend import vm_id
+
+                vid = vm_id(cid)
+                self.db.record(cid, "uvm", {"vm": vid, "dir": str(self.run / "uvm" / vid)})
             rdir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.db.record(cid, "mount", {"path": plan.rootfs})
             sock = self.socket_path(cid)
@@ -593,6 +653,16 @@ class ComputeService:
             started = self.db.get(cid) or row
         self._notify()
         self._emit(started, "start")
+
+    def _layer_disks(self, row: ContainerRow, mounts: Mounts) -> list[Path]:
+        """One read-only erofs disk per layer, top first: the store's, shared by every VM
+        (built once per layer)."""
+        store_disks = getattr(self.store, "image_erofs_layers", None)
+        if store_disks is not None:
+            return list(store_disks(row.image_digest))
+        from isobox.compute.vm_backend import layer_disk
+
+        return [layer_disk(p) for p in mounts.lower]
 
     def _netns_of(self, ref: str) -> tuple[str, int, str]:
         """(id, first process, isolation) of the running container a ``container:<ref>``
@@ -905,12 +975,25 @@ class ComputeService:
         return out
 
     def info(self) -> DaemonInfo:
+        vm_why = vm_unavailable() or "available"
+        accel = None
+        if vm_why == "available":
+            from isobox.uvm.accel import cached_result
+            from isobox.uvm.assets import load_assets
+
+            assets = load_assets()
+            found = cached_result(assets) if assets is not None else None
+            if found is not None:
+                accel = found.name
+                vm_why = f"available ({found.name}: {found.reason})"
+            else:
+                vm_why = "available (accelerator not probed yet: the first vm run probes)"
         cg2 = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
         return DaemonInfo(
             version=__version__, apiVersion=API_VERSION, pid=os.getpid(), root=str(self.root),
             run=str(self.run), cgroupVersion=2 if cg2 else 1,
-            isolations={"process": "available", "host": "available", "vm": VM_UNAVAILABLE},
-            accelerator=None, containers=self.db.counts(), images=len(self.store.images()),
+            isolations={"process": "available", "host": "available", "vm": vm_why},
+            accelerator=accel, containers=self.db.counts(), images=len(self.store.images()),
             networks=len(self.networks.list()),
         )
 
