@@ -14,4 +14,5 @@ REGISTRY: dict[str, str] = {
     "image_import": "bench.image_import",
     "network_cost": "bench.network_cost",
     "runtime_start": "bench.runtime_start",
+    "vm_start": "bench.vm_start",
 }
