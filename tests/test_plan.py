@@ -169,8 +169,9 @@ def test_host_plan_mounts_and_read_only(mounts: Mounts, tmp_path: Path) -> None:
 
 
 def test_unsupported_isolation(mounts: Mounts, tmp_path: Path) -> None:
-    with pytest.raises(InvalidArgument, match="vm"):
-        plan_of(doc(process={"args": ["true"]}), image(), mounts, tmp_path, isolation="vm")
+    with pytest.raises(InvalidArgument, match="hyperv"):
+        plan_of(doc(process={"args": ["true"]}), image(), mounts, tmp_path,
+                isolation="hyperv")
 
 
 def test_write_read_round_trip(mounts: Mounts, tmp_path: Path) -> None:

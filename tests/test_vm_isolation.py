@@ -18,13 +18,22 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from daemonkit import Daemon, assert_nothing_left, short_run_dir
 
-pytestmark = [pytest.mark.root, pytest.mark.overlay, pytest.mark.cgroup1, pytest.mark.vm,
-              pytest.mark.slow]
+E2E = [pytest.mark.root, pytest.mark.overlay, pytest.mark.cgroup1, pytest.mark.vm,
+       pytest.mark.slow]
+
+
+
+def _e2e(fn: Any) -> Any:
+    for mark in E2E:
+        fn = mark(fn)
+    return fn
+
 
 ISOBOX = str(Path(sys.executable).parent / "isobox")
 VM = ["--isolation=vm", "--network", "none"]
@@ -92,6 +101,7 @@ def host_processes_running(argv: list[str]) -> list[int]:
     return out
 
 
+@_e2e
 def test_same_output_under_process_and_vm_and_the_guest_kernel(daemon: Daemon) -> None:
     script = "echo hi; cat /etc/os-release 2>/dev/null | head -1; ls /bin | head -3; id"
     proc = cli("run", "--rm", "--isolation=process", "--network", "none", "busybox",
@@ -117,6 +127,7 @@ def _wait_state(ref: str, state: str, timeout: float = 60) -> dict:  # type: ign
         time.sleep(0.2)
 
 
+@_e2e
 def test_detached_sleep_is_no_host_process_and_the_verbs_work(daemon: Daemon) -> None:
     """``run -d --isolation=vm busybox sleep 1000``: no ``sleep`` on the host, one QEMU;
     top shows the sleep from inside; exec, logs, stats, stop, kill, wait, rm as usual."""
@@ -167,6 +178,7 @@ def test_detached_sleep_is_no_host_process_and_the_verbs_work(daemon: Daemon) ->
     assert no_qemu()
 
 
+@_e2e
 def test_root_in_the_vm_reaches_only_its_mapped_dir(daemon: Daemon, tmp_path: Path) -> None:
     """Root with the default capabilities in the VM: the mapped directory works both ways;
     a host file outside it is unreachable — not by path, not via /proc/1/root (the guest's
@@ -192,6 +204,7 @@ def test_root_in_the_vm_reaches_only_its_mapped_dir(daemon: Daemon, tmp_path: Pa
     assert no_qemu()
 
 
+@_e2e
 def test_qemu_killed_is_an_exit_with_an_error_and_nothing_leaks(daemon: Daemon) -> None:
     cid = cli("run", "-d", *VM, "busybox", "sleep", "1000").stdout.strip()
     try:
@@ -212,6 +225,7 @@ def test_qemu_killed_is_an_exit_with_an_error_and_nothing_leaks(daemon: Daemon) 
     assert_nothing_left(daemon.root, daemon.run, [cid])
 
 
+@_e2e
 def test_scratch_carries_over_between_process_and_vm(daemon: Daemon) -> None:
     """A file written under process isolation is there under vm isolation, and what the vm
     run changed is there when the container goes back to process isolation."""
@@ -229,8 +243,52 @@ def test_scratch_carries_over_between_process_and_vm(daemon: Daemon) -> None:
     assert_nothing_left(daemon.root, daemon.run, [cid])
 
 
+@_e2e
 def test_vm_with_a_network_is_refused_naming_network_mode(daemon: Daemon) -> None:
     r = cli("run", "--rm", "--isolation=vm", "busybox", "true", check=False)
     assert r.returncode != 0 and "network.mode" in r.stderr
     info = json.loads(cli("info", "--format", "json").stdout)
     assert info["isolations"]["vm"].startswith("available"), info
+
+
+def test_vm_plan_shape(tmp_path: Path) -> None:
+    """The vm plan: VM size from --memory/--cpus, the process-isolation OCI config with guest
+    paths only (root, mapped dirs as 9p shares), layers and scratch disk on the host."""
+    from isobox.compute.plan import GUEST_SHARES, build_plan, vm_size
+    from isobox.spec.compute import parse_document
+    from isobox.spec.image import ImageConfig
+    from isobox.storage.store import Mounts
+
+    layer = tmp_path / "layers" / "l1" / "diff"
+    layer.mkdir(parents=True)
+    for d in ("upper", "work"):
+        (tmp_path / "scratch" / d).mkdir(parents=True)
+    mounts = Mounts([layer], tmp_path / "scratch" / "upper", tmp_path / "scratch" / "work")
+    img = ImageConfig.model_validate({"architecture": "amd64", "os": "linux",
+                                      "rootfs": {"type": "layers", "diff_ids": []},
+                                      "config": {"Cmd": ["sh"]}})
+
+    def plan(**fields: Any) -> Any:
+        d = parse_document({"schemaVersion": "1.0", "image": "img", "isolation": "vm",
+                            **fields})
+        return build_plan(d, img, mounts, container_id="a" * 64, name="n", isolation="vm",
+                          container_dir=tmp_path / "c", run_dir=tmp_path / "r")
+
+    p = plan(resources={"memory": 64 << 20, "cpus": 1.5},
+             mounts=[{"source": str(tmp_path), "destination": "/data", "readOnly": True}])
+    assert (p.vm["memoryMib"], p.vm["cpus"]) == (256, min(2, os.cpu_count() or 1))
+    assert p.vm["layers"] == [str(layer)] and p.vm["scratch"] == str(tmp_path / "c" /
+                                                                     "scratch.ext4")
+    silo = p.vm["silo"]
+    assert silo["root"] == "/run/isobox/c/rootfs" and silo["process"]["args"] == ["sh"]
+    assert p.vm["shares"] == [{"tag": "m0", "source": str(tmp_path), "readOnly": True,
+                               "guest": f"{GUEST_SHARES}/m0"}]
+    binds = [m for m in silo["mounts"] if m["destination"] == "/data"]
+    assert binds and binds[0]["source"] == f"{GUEST_SHARES}/m0"
+    assert str(tmp_path) not in json.dumps(silo)  # no host path reaches the guest
+    assert silo["process"]["seccomp"] and silo["limits"]["memory"] == 64 << 20
+    assert p.oci == {} and p.host == {}
+    big = parse_document({"schemaVersion": "1.0", "image": "i",
+                          "resources": {"memory": 1 << 30}})
+    assert vm_size(big)[0] == 1024 + 192
+    assert vm_size(parse_document({"schemaVersion": "1.0", "image": "i"})) == (512, 1)
