@@ -4,7 +4,7 @@
 # The CLI talks to isoboxd (started on first use when its socket is absent). The demo runs
 # the same busybox image under --isolation=process (own namespaces + job, like runc),
 # --isolation=host (host namespaces, job only, like a HostProcess container) and
-# --isolation=vm (own kernel in a utility VM, when this engine has utility-VM assets), then
+# --isolation=vm (its own kernel in a utility VM, cold-booted until templates land), then
 # shows the container verbs, Job limits holding, the image store, and the runc-compatible
 # runtime. It leaves nothing behind but the image store; a daemon it started is stopped.
 set -euo pipefail
@@ -47,7 +47,7 @@ sh -c "$PROBE" 2>&1 | sed 's/^/  /'
 
 for iso in process host vm; do
     step "the same busybox image, --isolation=$iso"
-    if ! "$ISOBOX" run --rm --isolation "$iso" --hostname "demo-$iso" busybox sh -c "$PROBE" \
+    if ! "$ISOBOX" run --rm --isolation "$iso" --network none --hostname "demo-$iso" busybox sh -c "$PROBE" \
             2>"$work/err" | sed 's/^/  /'; then
         echo "  (not run here: $(tail -1 "$work/err"))"
     fi
@@ -57,7 +57,8 @@ cat <<'EOF'
            no_new_privs, seccomp, an overlay root — mount is refused.
   host:    the host's hostname, processes and capabilities; only the job limits it (the
            image's files are at $ISOBOX_SANDBOX_MOUNT_POINT, as for a HostProcess container).
-  vm:      its own kernel in a utility VM (arrives with the utility-VM issue).
+  vm:      its own kernel (Debian's, in a utility VM under QEMU; here TCG, so it takes
+           seconds until templates and clones land); inside it an ordinary silo again.
 EOF
 
 step "a container's life: run -d, ps, exec, top, stats, logs, stop, restart elsewhere, rm"
