@@ -896,7 +896,7 @@ class CgroupV2(Cgroup):
             c.oom_kills += mev.get("oom_kill", 0)
             if not local.exists():
                 break  # no .local: the job folder's hierarchical counters hold them all
-        c.pids_limit_hits = _kv(_read(self._events_file("pids"))).get("max", 0)
+        c.pids_limit_hits = sum(_kv(_read(f)).get("max", 0) for f in self._pids_events())
         for line in _read(self.path / "io.stat").splitlines():
             fields_ = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
             c.io_read_bytes += int(fields_.get("rbytes", 0))
@@ -920,6 +920,17 @@ class CgroupV2(Cgroup):
         local = self.path / f"{ctrl}.events.local"
         return local if local.exists() else self.path / f"{ctrl}.events"
 
+    def _pids_events(self) -> list[Path]:
+        """Where a refused fork of this job is counted. Since Linux 6.13 in the cgroup whose
+        ``pids.max`` was hit (the job folder's ``pids.events.local``); before, in the
+        ``pids.events`` of the cgroup of the task that tried to fork -- the job's
+        ``procs`` leaf, and never in the job folder (the limit's), which has no tasks.
+        A nested job's refusals are its own and reach this job through its events."""
+        local = self.path / "pids.events.local"
+        if local.exists():
+            return [local]
+        return [self.path / "pids.events", self.leaf / "pids.events"]
+
     def kill_all(self) -> None:
         if not self.exists():
             return
@@ -942,7 +953,7 @@ class CgroupV2(Cgroup):
             _prune(self.path, Path(self.mount))
 
     def watches(self) -> Watches:
-        files = [self._events_file("pids"), self._events_file("memory")]
+        files = [*self._pids_events(), self._events_file("memory")]
         if (self.leaf / "memory.events.local").exists():
             files.append(self.leaf / "memory.events.local")
         return Watches(files=[str(f) for f in files if f.exists()])

@@ -26,10 +26,12 @@ setting is **clamped** (not refused): the child's effective value is the parent'
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Literal
 
 from isobox.errors import InvalidArgument
@@ -72,10 +74,19 @@ class IoLimit:
         """The limit for the block device behind ``path`` (a device node or a file on it)."""
         st = os.stat(path)
         dev = st.st_rdev if st.st_rdev else st.st_dev
-        major, minor = os.major(dev), os.minor(dev)
-        if not st.st_rdev:
-            minor = 0  # a partition's file: limit the whole disk, as cgroups require
-        return IoLimit(f"{major}:{minor}", **rates)
+        return IoLimit(_whole_disk(os.major(dev), os.minor(dev)), **rates)
+
+
+def _whole_disk(major: int, minor: int) -> str:
+    """``major:minor`` of the disk that holds a block device: cgroups throttle whole disks
+    only. A partition's disk is its parent in sysfs -- not minor 0 of the same major
+    (``8:16`` is sdb, not a partition of sda; every virtio disk is major 254)."""
+    sysfs = Path(f"/sys/dev/block/{major}:{minor}")
+    if (sysfs / "partition").exists():
+        with contextlib.suppress(OSError, ValueError):
+            parent = (sysfs.resolve().parent / "dev").read_text().split(":")
+            return f"{int(parent[0])}:{int(parent[1])}"
+    return f"{major}:{minor}"
 
 
 @dataclass(frozen=True)
