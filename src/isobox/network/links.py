@@ -199,6 +199,37 @@ def attach_veth(*, host: str, bridge: str, netns: str, mac: str, ip: str, prefix
         os.close(nsfd)
 
 
+def tap_name(host_veth: str) -> str:
+    """The tap of an endpoint whose veth would be ``host_veth`` (``ibv…`` → ``ibt…``): named
+    from the same row, so the release path finds it whatever step a crash stopped."""
+    return "ibt" + host_veth[3:]
+
+
+def attach_tap(*, name: str, bridge: str) -> None:
+    """A persistent tap ``name`` owned by root, on ``bridge``, up: a utility VM's network
+    device (QEMU opens it by name). On failure the tap is deleted."""
+    try:
+        with rtnl() as ipr:
+            br = link_index(ipr, bridge)
+            if br is None:
+                raise SystemError_("attach tap: no bridge", bridge, errno.ENODEV)
+            try:
+                ipr.link("add", ifname=name, kind="tuntap", mode="tap", uid=0, gid=0)
+            except NetlinkError as exc:
+                raise _err("create tap", name, exc) from exc
+            try:
+                idx = link_index(ipr, name)
+                if idx is None:
+                    raise SystemError_("create tap", name, errno.ENODEV)
+                ipr.link("set", index=idx, master=br, state="up")
+            except BaseException:
+                with suppress(NetlinkError):
+                    ipr.link("del", ifname=name)
+                raise
+    except NetlinkError as exc:
+        raise _err("attach tap", name, exc) from exc
+
+
 def _inside(netns: str, *, ip: str, prefix: int, gateway: str, rate: int | None) -> None:
     with rtnl(netns) as ipr:
         lo = link_index(ipr, "lo")

@@ -35,6 +35,10 @@ _NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}")
 _RESERVED = {"none", "host", "default", "bridge", DEFAULT_NETWORK}
 
 
+#: ``netns`` of an endpoint attached as a tap (a utility VM's): ``tap:<name>``.
+TAP_PREFIX = "tap:"
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -184,6 +188,32 @@ class NetworkService:
                 raise
             return self._endpoint(self._row(cid, net.id), net)
 
+    def attach_tap(self, ep: Endpoint, *, ports: Sequence[PortMap] = ()) -> str:
+        """The endpoint as a tap on its network's bridge, for a utility VM (the guest
+        configures the address itself): the same rules and published ports as a veth
+        endpoint, released by :meth:`release`. Returns the tap's name."""
+        cid = ep["containerId"]
+        plist = [_check_port(p) for p in ports]
+        with self._lock:
+            net = self.ipam.find(ep["networkId"])
+            row = self._row(cid, net.id)
+            if row.netns:
+                raise Conflict(f"endpoint of {cid[:12]} on {net.name} is already attached")
+            self._ensure(net)
+            tap = links.tap_name(row.host_veth)
+            self.ipam.claim_ports(row, TAP_PREFIX + tap, plist, None)  # before anything
+            try:
+                links.attach_tap(name=tap, bridge=net.bridge)
+                if plist:
+                    nft.publish(_ep_owner(cid), row.ip, plist)
+            except BaseException:
+                if plist:
+                    nft.remove(_ep_owner(cid))
+                links.delete_link(tap)
+                self.ipam.unclaim(row)
+                raise
+            return tap
+
     def hosts_file(self, container_id: str) -> str:
         mine = self.ipam.endpoints(container_id=container_id)
         entries = [(e.ip, _names(e)) for e in mine]
@@ -202,6 +232,7 @@ class NetworkService:
                 nft.remove(_ep_owner(container_id))
             for e in eps:
                 links.delete_link(e.host_veth)
+                links.delete_link(links.tap_name(e.host_veth))
                 self.ipam.drop_endpoint(e)
                 self._refresh_hosts(e.network_id, skip=container_id)
 
@@ -223,7 +254,8 @@ class NetworkService:
     def _endpoint(self, e: EpRow, net: NetRow) -> Endpoint:
         return Endpoint(containerId=e.container_id, network=net.name, networkId=net.id,
                         ip=e.ip, prefixLen=net.prefix, gateway=net.gateway, mac=e.mac,
-                        hostVeth=e.host_veth if e.netns else "", ports=list(e.ports),
+                        hostVeth=(e.netns[len(TAP_PREFIX):] if e.netns.startswith(TAP_PREFIX)
+                                  else e.host_veth if e.netns else ""), ports=list(e.ports),
                         rate=e.rate)
 
     def _refresh_hosts(self, network_id: str, *, skip: str) -> None:
