@@ -18,10 +18,11 @@ from isobox.errors import UvmAssetsError
 # What the guest loads, by module name; dependencies come from each module's modinfo.
 # virtio transport + console + disks + rng, ext4 (a module in the standard flavour) for
 # scratch disks, overlay + erofs (+ squashfs) for container roots and the image, 9p for
-# mapped directories. crc32c_generic first: libcrc32c asks the crypto API for "crc32c".
+# mapped directories, virtio_net (+ net_failover, failover) for a network's tap.
+# crc32c_generic first: libcrc32c asks the crypto API for "crc32c".
 WANTED_MODULES = (
     "virtio_mmio", "virtio_console", "virtio_blk", "virtio_rng", "crc32c_generic",
-    "ext4", "overlay", "erofs", "squashfs", "9pnet_virtio", "9p",
+    "ext4", "overlay", "erofs", "squashfs", "9pnet_virtio", "9p", "virtio_net",
 )
 
 
