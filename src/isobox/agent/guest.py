@@ -60,6 +60,9 @@ from isobox.silo.config import SiloConfig, from_json
 from isobox.silo.container import Container
 
 READ_SIZE = 65536
+BUSYBOX = "/bin/busybox"
+#: Where ``network`` writes the container's ``hosts`` and ``resolv.conf`` (guest paths).
+NET_DIR = "/run/isobox/net"
 HIGH_WATER = 4 << 20  # output to the host queued beyond this: stop reading the processes
 DRAIN_TIMEOUT = 1.0
 CGROUP2 = "/sys/fs/cgroup"
@@ -163,6 +166,25 @@ def block_by_serial(serial: str) -> str:
             if (entry / "serial").read_text().strip() == serial:
                 return f"/dev/{entry.name}"
     raise NotFound(f"no disk with serial {serial!r}")
+
+
+def find_nic(mac: str) -> str:
+    """The guest link whose address is ``mac`` (the endpoint's, given to QEMU)."""
+    base = "/sys/class/net"
+    for name in sorted(os.listdir(base)):
+        with contextlib.suppress(OSError), open(os.path.join(base, name, "address")) as fh:
+            if fh.read().strip().lower() == mac:
+                return name
+    raise NotFound(f"no network device with MAC {mac} in the utility VM "
+                   "(virtio_net not loaded?)")
+
+
+def _run(argv: list[str]) -> None:
+    import subprocess
+
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+    if proc.returncode != 0:
+        raise IsoboxError(f"{' '.join(argv[1:])}: {proc.stderr.strip()[-300:]}")
 
 
 def ensure_cgroup2() -> None:
@@ -656,6 +678,31 @@ class Agent:
         del self.boxes[box.id]
         return {}
 
+    def op_network(self, _rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        """The guest's network (before ``create``): the NIC whose MAC is ``mac`` gets
+        ``ip/prefixLen``, is up, with a default route via ``gateway``; ``files`` (``hosts``,
+        ``resolv.conf``) are written to :data:`NET_DIR`, which the container's config binds
+        at ``/etc``. The container shares the guest's network namespace: the VM is the
+        isolation boundary, and its only NIC is the endpoint's tap on the host bridge."""
+        mac = _str(req, "mac").lower()
+        ip, gateway = _str(req, "ip"), _str(req, "gateway")
+        prefix = _int(req, "prefixLen")
+        dev = find_nic(mac)
+        ipcmd = [BUSYBOX, "ip"]
+        for argv in (["link", "set", "lo", "up"],
+                     ["addr", "add", f"{ip}/{prefix}", "dev", dev],
+                     ["link", "set", dev, "up"],
+                     ["route", "add", "default", "via", gateway, "dev", dev]):
+            _run([*ipcmd, *argv])
+        os.makedirs(NET_DIR, mode=0o755, exist_ok=True)
+        files = req.get("files") or {}
+        for name in ("hosts", "resolv.conf"):
+            text = files.get(name) if isinstance(files, dict) else None
+            if isinstance(text, str):
+                with open(os.path.join(NET_DIR, name), "w") as fh:
+                    fh.write(text)
+        return {"device": dev}
+
     def op_shutdown(self, _rid: int, _req: dict[str, Any]) -> dict[str, Any]:
         self.release_all()
         self.closing = True
@@ -666,6 +713,7 @@ class Agent:
         "start": op_start, "exec": op_exec, "signal": op_signal, "resize": op_resize,
         "wait": op_wait, "pause": op_pause, "resume": op_resume, "stats": op_stats,
         "top": op_top, "delete": op_delete, "shutdown": op_shutdown,
+        "network": op_network,
     }
 
     # ---- processes -----------------------------------------------------------------------
