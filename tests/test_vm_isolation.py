@@ -243,9 +243,46 @@ def test_scratch_carries_over_between_process_and_vm(daemon: Daemon) -> None:
     assert_nothing_left(daemon.root, daemon.run, [cid])
 
 
+def host_taps() -> set[str]:
+    return {p.name for p in Path("/sys/class/net").iterdir() if p.name.startswith("ibt")}
+
+
 @_e2e
-def test_vm_with_a_network_is_refused_naming_network_mode(daemon: Daemon) -> None:
-    r = cli("run", "--rm", "--isolation=vm", "busybox", "true", check=False)
+def test_vm_on_the_default_network_has_the_endpoint_address_and_leaves_no_tap(
+        daemon: Daemon) -> None:
+    """The guest's NIC (a tap on the default network's bridge) has the endpoint's address,
+    which ``/etc/hosts`` names the container by; the gateway answers; nothing is left."""
+    import ipaddress
+    import re
+
+    before = host_taps()
+    out = cli("run", "--rm", "--isolation=vm", "--hostname", "vmnet", "busybox", "sh", "-c",
+              "ip -4 addr show; echo ---; cat /etc/hosts; echo ---; hostname; "
+              "ip route | grep default; ping -c 1 -W 5 \"$(ip route | awk '/default/{print $3}')\""
+              " >/dev/null && echo gateway-answers").stdout
+    addrs, hosts, rest = out.split("---\n")
+    net = json.loads(cli("network", "inspect", "isobox").stdout)
+    net = net[0] if isinstance(net, list) else net
+    subnet = ipaddress.ip_network(net["subnet"])
+    mine = [a for a in re.findall(r"inet (\d+\.\d+\.\d+\.\d+)/\d+ .*eth0", addrs)]
+    assert len(mine) == 1 and ipaddress.ip_address(mine[0]) in subnet, out
+    assert mine[0] != net["gateway"]
+    named = [ln.split()[0] for ln in hosts.splitlines() if "vmnet" in ln.split()[1:]]
+    assert named == [mine[0]], hosts
+    assert rest.splitlines()[0] == "vmnet"
+    assert f"default via {net['gateway']}" in rest and "gateway-answers" in rest, out
+    assert no_qemu()
+    assert host_taps() == before, "a tap is left"
+    after = json.loads(cli("network", "inspect", "isobox").stdout)
+    after = after[0] if isinstance(after, list) else after
+    assert not after["endpoints"], after
+
+
+@_e2e
+def test_vm_with_host_or_container_network_is_refused_naming_network_mode(
+        daemon: Daemon) -> None:
+    r = cli("run", "--rm", "--isolation=vm", "--network", "host", "busybox", "true",
+            check=False)
     assert r.returncode != 0 and "network.mode" in r.stderr
     info = json.loads(cli("info", "--format", "json").stdout)
     assert info["isolations"]["vm"].startswith("available"), info

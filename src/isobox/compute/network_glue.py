@@ -56,6 +56,7 @@ class Networks(Protocol):
                 aliases: list[str] = ...) -> Endpoint: ...
     def attach(self, ep: Endpoint, netns: str, *, ports: list[PortMap] = ...,
                rate: int | None = None) -> Endpoint: ...
+    def attach_tap(self, ep: Endpoint, *, ports: list[PortMap] = ...) -> str: ...
     def hosts_file(self, container_id: str) -> str: ...
     def resolv_conf(self) -> str: ...
     def release(self, container_id: str) -> None: ...
@@ -211,6 +212,17 @@ _ETC = frozenset(f"/etc/{f}" for f in FILES)
 def attach(networks: Networks, ep: Endpoint, np: NetPlan, init_pid: int) -> Endpoint:
     """The endpoint wired into the namespace of the run's first process (it waits)."""
     return networks.attach(ep, f"/proc/{init_pid}/ns/net", ports=list(np.ports), rate=np.rate)
+
+
+def attach_vm(networks: Networks, ep: Endpoint, np: NetPlan, plan: Plan) -> str:
+    """The endpoint as a tap for a utility VM: QEMU gets the tap and the endpoint's MAC,
+    the guest agent the address (``plan.vm["network"]``). Same rules and ports as a veth."""
+    tap = networks.attach_tap(ep, ports=list(np.ports))
+    plan.vm["tap"] = tap
+    plan.vm["mac"] = ep["mac"]
+    plan.vm["network"] = {"ip": ep["ip"], "prefixLen": ep["prefixLen"],
+                          "gateway": ep["gateway"], "mac": ep["mac"]}
+    return tap
 
 
 def release(networks: Networks, container_id: str) -> None:

@@ -52,6 +52,7 @@ VM_DEFAULT_MIB = 512  # no --memory: the container may use what the guest has
 GUEST_BUNDLE = "/run/isobox/c"
 GUEST_LAYERS = "/run/isobox/layers"
 GUEST_SHARES = "/run/isobox/shares"
+GUEST_NET = "/run/isobox/net"  # the agent's ``network`` op writes hosts, resolv.conf here
 GUEST_SCRATCH = "/scratch"  # the guest's init mounts the disk with serial "scratch" here
 SCRATCH_DISK = "scratch.ext4"
 
@@ -429,6 +430,12 @@ def vm_size(doc: ComputeSystem) -> tuple[int, int]:
     return mib, min(cpus, os.cpu_count() or 1)
 
 
+def vm_networked(doc: ComputeSystem) -> bool:
+    """A vm run of ``doc`` is on a network (a tap on its bridge), not ``none``."""
+    mode = doc.network.mode
+    return mode not in ("none", "host") and not mode.startswith("container:")
+
+
 def vm_plan(doc: ComputeSystem, argv: list[str], env: list[str], cwd: str, *,
             ident: Identity, container_id: str, mounts: Mounts,
             container_dir: Path) -> dict[str, Any]:
@@ -454,6 +461,14 @@ def vm_plan(doc: ComputeSystem, argv: list[str], env: list[str], cwd: str, *,
         shares.append({"tag": tag, "source": m["source"], "readOnly": ro,
                        "guest": f"{GUEST_SHARES}/{tag}"})
         m["source"] = f"{GUEST_SHARES}/{tag}"
+    if vm_networked(doc):
+        # The guest's eth0 is the endpoint (the VM is the isolation boundary): the container
+        # stays in the guest's network namespace, with the names the agent wrote there.
+        linux = oci["linux"]
+        linux["namespaces"] = [ns for ns in linux["namespaces"] if ns["type"] != "network"]
+        oci["mounts"] += [{"destination": f"/etc/{f}", "type": "bind",
+                           "source": f"{GUEST_NET}/{f}", "options": ["rbind", "rprivate", "ro"]}
+                          for f in ("hosts", "resolv.conf")]
     silo = to_json(from_oci(parse_config(json.dumps(oci), "plan.vm"), Path(GUEST_BUNDLE)))
     mib, cpus = vm_size(doc)
     return {

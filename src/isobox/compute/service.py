@@ -104,10 +104,12 @@ def _check_vm(doc: ComputeSystem) -> None:
     if why is not None:
         raise IsolationUnavailable(why)
     mode = doc.network.mode
-    if mode != "none":
+    if mode == "host" or mode.startswith(network_glue.CONTAINER_PREFIX):
         raise IsolationUnavailable(
-            f"network.mode {mode!r}: vm isolation runs with network mode 'none' only for "
-            "now (utility VMs get no network device yet); pass --network none")
+            f"network.mode {mode!r}: a utility VM has a network of its own (a tap on a "
+            "network's bridge) or none; pass --network none or a network")
+    if doc.network.rate is not None:
+        raise IsolationUnavailable("network.rate: not supported under vm isolation yet")
 
 
 def _kill_uvm(data: dict[str, Any]) -> None:
@@ -601,6 +603,11 @@ class ComputeService:
                 self.db.record(cid, network_glue.ENDPOINT_KIND, {"network": net.network})
                 try:
                     endpoint = network_glue.reserve(self.networks, net, cid, row.name, cdir)
+                    if iso == "vm" and endpoint is not None:
+                        # No namespace to wait for: the tap exists before QEMU opens it.
+                        network_glue.attach_vm(self.networks, endpoint, net, plan)
+                        write_plan(plan, plan_path)
+                        endpoint = None  # attached
                 except BaseException:
                     self._release(cid, RUNTIME_KINDS)
                     raise

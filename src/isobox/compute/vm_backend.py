@@ -292,8 +292,17 @@ class VmBackend:
         self.pid = stream.pid
         return self._bridge(stream, io)
 
-    def _network(self, net: dict[str, Any]) -> None:  # pragma: no cover - see docs
-        raise Conflict("vm isolation: networks are not wired into utility VMs yet")
+    def _network(self, net: dict[str, Any]) -> None:
+        """The guest's NIC (the endpoint's tap, found by its MAC) configured by the agent,
+        with the container's ``hosts`` and ``resolv.conf`` from its folder on the host."""
+        assert self.agent is not None
+        cdir = Path(self.plan.container_dir)
+        files = {}
+        for name in ("hosts", "resolv.conf"):
+            with contextlib.suppress(FileNotFoundError):
+                files[name] = (cdir / name).read_text()
+        self.agent.call("network", ip=net["ip"], prefixLen=int(net["prefixLen"]),
+                        gateway=net["gateway"], mac=net["mac"], files=files)
 
     def _vm_ended(self, info: ExitInfo) -> None:
         """QEMU ended (watcher thread). Live processes end with the agent channel; this
