@@ -235,7 +235,12 @@ def test_scratch_carries_over_between_process_and_vm(daemon: Daemon) -> None:
         cli("start", "-a", cid)
         assert cli("start", "-a", "--isolation=vm", cid).stdout == "x\n"
         assert (daemon.root / "containers" / cid / "scratch.ext4").exists()
+        # The writable layer is in scratch.ext4 now: cp refuses clearly instead of reading
+        # the stale host scratch folder (it would copy "" instead of "x").
+        refused = cli("cp", f"{cid}:/note", "-", check=False)
+        assert refused.returncode != 0 and "cp is not available" in refused.stderr, refused
         assert cli("start", "-a", "--isolation=process", cid).stdout == "xx\n"
+        assert cli("cp", f"{cid}:/note", "-").stdout.startswith("note")  # a tar again
         assert not (daemon.root / "containers" / cid / "scratch.ext4").exists()
         assert cli("start", "-a", "--isolation=vm", cid).stdout == "xxx\n"
     finally:

@@ -1128,6 +1128,7 @@ class ComputeService:
 
         row = self.db.resolve(ref)
         lifecycle.check("archive", row.state, row.name)
+        self._archive_reachable(row)
         if row.state in ACTIVE:
             root = self._live_root(row)
             gen = tar_out(root, path)
@@ -1140,12 +1141,26 @@ class ComputeService:
             gen = tar_out(root, path)
             yield from gen
 
+    def _archive_reachable(self, row: ContainerRow) -> None:
+        """``cp`` reads the container's root on the host. A running vm container's root is
+        inside its VM, and after a vm run the writable layer is in ``scratch.ext4``: refuse
+        clearly rather than copy the wrong files (cp for vm comes with the agent's tar)."""
+        from isobox.compute.plan import SCRATCH_DISK
+
+        in_vm = row.state in ACTIVE and row.isolation == "vm"
+        if in_vm or (self.container_dir(row.id) / SCRATCH_DISK).exists():
+            raise IsolationUnavailable(
+                f"container {row.name}: cp is not available for a container whose writable "
+                "layer is in a utility VM yet (stop it and start it with "
+                "--isolation=process to copy)")
+
     def archive_put(self, ref: str, path: str, stream: BinaryIO) -> None:
         """Extract the tar ``stream`` into the directory ``path`` inside the container."""
         from isobox.compute.archive import tar_in
 
         with self._locked(ref) as row:
             lifecycle.check("archive", row.state, row.name)
+            self._archive_reachable(row)
             spool = self.container_dir(row.id)
             if row.state in ACTIVE:
                 tar_in(self._live_root(row), path, stream, spool_dir=spool)
