@@ -220,3 +220,29 @@ def test_the_monitor_gets_the_precompiled_default_profile(mounts: Mounts,
     assert silo.process.seccomp is not None
     assert seccomp.profile_key(silo.process.seccomp) == seccomp.profile_key(
         seccomp.default_profile(DEFAULT_CAPABILITIES))
+
+
+def test_cap_add_extends_dockers_default_set(mounts: Mounts, tmp_path: Path) -> None:
+    from isobox._sys.linux import CAP_NUMBER, last_cap
+    from isobox.errors import InvalidDocument
+    from isobox.spec.runtime import DEFAULT_CAPABILITIES
+
+    def caps(*add: str) -> dict[str, list[str]]:
+        plan = plan_of(doc(process={"args": ["true"], "capAdd": list(add)}), image(), mounts,
+                       tmp_path)
+        return dict(plan.oci["process"]["capabilities"])
+
+    default = caps()
+    assert sorted(default["bounding"]) == sorted(DEFAULT_CAPABILITIES)
+    net_admin = caps("net_admin")  # docker's spelling, without CAP_
+    assert set(net_admin["bounding"]) == set(DEFAULT_CAPABILITIES) | {"CAP_NET_ADMIN"}
+    assert net_admin["effective"] == net_admin["permitted"] == net_admin["bounding"]
+    every = caps("ALL")
+    assert len(every["effective"]) == last_cap() + 1 and "CAP_SYS_ADMIN" in every["effective"]
+    assert all(CAP_NUMBER[c] <= last_cap() for c in every["bounding"])
+    with pytest.raises(InvalidDocument) as bad:
+        caps("CAP_FLY")
+    assert bad.value.field == "process.capAdd"
+    with pytest.raises(InvalidDocument) as bad:
+        doc(process={"capAdd": ["no way"]})
+    assert bad.value.field == "process.capAdd"

@@ -180,10 +180,12 @@ def test_detached_sleep_is_no_host_process_and_the_verbs_work(daemon: Daemon) ->
 
 @_e2e
 def test_root_in_the_vm_reaches_only_its_mapped_dir(daemon: Daemon, tmp_path: Path) -> None:
-    """Root with the default capabilities in the VM: the mapped directory works both ways;
-    a host file outside it is unreachable — not by path, not via /proc/1/root (the guest's
-    init), not by mounting the VM's disks (they are the image, the layer and the scratch
-    disk, never the host's)."""
+    """Root with every capability (``--cap-add ALL``) in the VM: the mapped directory works
+    both ways; a host file outside it is unreachable — not by path, not via /proc/1/root
+    (the guest's init), not by mounting the VM's disks, which it may (they are the image, the
+    layers and the scratch disk, never the host's). Inside the guest (cgroup v2, no device
+    eBPF program) silo drops CAP_MKNOD, so the disks are reached through the nodes a mknod
+    would make only if allowed; the mount of a tmpfs proves CAP_SYS_ADMIN is held."""
     shared = tmp_path / "shared"
     shared.mkdir()
     (shared / "from-host").write_text("host says hi\n")
@@ -193,12 +195,20 @@ def test_root_in_the_vm_reaches_only_its_mapped_dir(daemon: Daemon, tmp_path: Pa
         "cat /data/from-host; echo vm-wrote > /data/from-vm; "
         f"cat {secret} 2>/dev/null && echo LEAK-path; "
         f"cat /proc/1/root{secret} 2>/dev/null && echo LEAK-proc1; "
-        "for d in /dev/vd*; do mkdir -p /m; mount -o ro $d /m 2>/dev/null && "
-        "{ grep -rl host-only /m 2>/dev/null | head -1; echo LEAK-mount-$d; umount /m; }; done; "
+        "mkdir -p /t /m && mount -t tmpfs t /t && echo mount-works; "
+        "grep CapEff /proc/self/status; "
+        "for n in 0 16 32 48 64; do mknod /t/vd$n b 254 $n 2>/dev/null; done; "
+        "for d in /dev/vd* /t/vd*; do mount -o ro $d /m 2>/dev/null && "
+        "{ grep -rl host-only /m 2>/dev/null | head -1 | grep . && echo LEAK-mount-$d; "
+        "umount /m; }; done; "
         "grep -r host-only /sys/fs/cgroup 2>/dev/null | head -1; "
         "id -u; echo done")
-    r = cli("run", "--rm", *VM, "-v", f"{shared}:/data", "busybox", "sh", "-c", script)
+    r = cli("run", "--rm", *VM, "--cap-add", "ALL", "-v", f"{shared}:/data", "busybox", "sh",
+            "-c", script)
     assert "LEAK" not in r.stdout, r.stdout
+    assert "mount-works" in r.stdout, r.stdout
+    cap_eff = int(r.stdout.split("CapEff:")[1].split()[0], 16)
+    assert cap_eff & (1 << 21), hex(cap_eff)  # CAP_SYS_ADMIN
     assert r.stdout.splitlines()[0] == "host says hi" and r.stdout.endswith("0\ndone\n")
     assert (shared / "from-vm").read_text() == "vm-wrote\n"
     assert no_qemu()

@@ -193,6 +193,7 @@ def build_document(
     cpuset_cpus: str | None = None,
     read_only: bool = False,
     auto_remove: bool = False,
+    cap_add: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The compute-system document (wire version 1.0) for these docker-py-style options.
 
@@ -208,6 +209,8 @@ def build_document(
         process["cwd"] = working_dir
     if user:
         process["user"] = user
+    if cap_add:
+        process["capAdd"] = list(cap_add)
     net: dict[str, Any] = {}
     if network or network_mode:
         net["mode"] = network or network_mode

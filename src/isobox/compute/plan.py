@@ -28,11 +28,12 @@ import contextlib
 import json
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from isobox.errors import InvalidArgument, IsoboxError, NotFound
+from isobox.errors import InvalidArgument, InvalidDocument, IsoboxError, NotFound
 
 if TYPE_CHECKING:
     from isobox.spec.compute import ComputeSystem
@@ -387,13 +388,35 @@ def _oci_config(doc: ComputeSystem, argv: list[str], env: list[str], cwd: str, *
     if doc.network.mode == "host":
         linux["namespaces"] = [ns for ns in linux["namespaces"] if ns["type"] != "network"]
     linux["resources"].update(_oci_resources(doc))
-    linux["seccomp"] = default_profile(DEFAULT_CAPABILITIES)
+    caps = _capabilities(DEFAULT_CAPABILITIES, doc.process.cap_add)
+    proc["capabilities"] = {"bounding": caps, "effective": list(caps),
+                            "permitted": list(caps)}
+    # The profile follows the capabilities, as Docker's does (CAP_SYS_ADMIN allows mount...).
+    linux["seccomp"] = default_profile(caps)
     for m in doc.mounts:
         cfg["mounts"].append({
             "destination": m.destination, "type": "bind", "source": m.source,
             "options": ["rbind", "rprivate", "ro" if m.read_only else "rw"],
         })
     return cfg
+
+
+def _capabilities(default: Sequence[str], add: list[str]) -> list[str]:
+    """Docker's default set plus ``add`` (``ALL``: every capability the kernel knows);
+    an unknown name is a 400 naming ``process.capAdd``."""
+    from isobox._sys.linux import CAP_NUMBER, last_cap
+
+    known = [c for c, n in sorted(CAP_NUMBER.items(), key=lambda kv: kv[1]) if n <= last_cap()]
+    caps = list(default)
+    for name in add:
+        if name == "ALL":
+            return known
+        if name not in CAP_NUMBER:
+            raise InvalidDocument(f"compute system: process.capAdd: unknown capability {name}",
+                                  field="process.capAdd")
+        if name not in caps:
+            caps.append(name)
+    return caps
 
 
 def _host_process(argv: list[str], env: list[str], cwd: str, *, ident: Identity,

@@ -38,6 +38,7 @@ _ENV_RE = re.compile(r"^[^=\x00]+=[^\x00]*$")
 _LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,254}$")
 _USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
 _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_CAP_RE = re.compile(r"CAP_[A-Z_]{2,32}")
 _CPUSET_RE = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
 
 
@@ -68,6 +69,22 @@ class ProcessSpec(_Model):
     user: str | None = None
     tty: bool = False
     stdin: bool = False  # keep stdin open (``-i``)
+    # docker's --cap-add: capabilities beyond Docker's default 14 (``ALL``: every one); the
+    # bounding, effective and permitted sets get them. Ignored by host isolation (the host's
+    # root already has them all).
+    cap_add: list[str] = Field(default_factory=list)
+
+    @field_validator("cap_add")
+    @classmethod
+    def _cap_add(cls, v: list[str]) -> list[str]:
+        out = []
+        for i, name in enumerate(v):
+            norm = name.upper()
+            norm = norm if norm == "ALL" or norm.startswith("CAP_") else "CAP_" + norm
+            if norm != "ALL" and not _CAP_RE.fullmatch(norm):
+                raise _invalid(f"capAdd[{i}]: not a capability name: {name!r}")
+            out.append(norm)
+        return out
 
     @field_validator("env")
     @classmethod
