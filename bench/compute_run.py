@@ -31,7 +31,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,9 @@ from bench.peers import (
     PeerError,
     Podman,
     cpu_seconds,
+    environ,
     mounts_under,
+    venv_bin,
 )
 
 NAME = "compute_run"
@@ -71,8 +73,6 @@ DOCKER = "docker run --rm --network none"
 CTR = "ctr run --rm"
 
 
-def _bin(name: str) -> Path:
-    return Path(sys.executable).parent / name
 
 
 # ---- the image ----------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def bundle_from_archive(archive: Path, bundle: Path) -> Path:
                 raise PeerError(f"{archive}: layer {name} missing")
             subprocess.run(["tar", "-x", "-p", "-C", str(rootfs)], input=layer.read(),
                            check=True, capture_output=True)
-    spec = "runc" if shutil.which("runc") else str(_bin("isobox-runtime"))
+    spec = "runc" if shutil.which("runc") else str(venv_bin("isobox-runtime"))
     subprocess.run([spec, "spec"], cwd=bundle, check=True, capture_output=True)
     cfg = json.loads((bundle / "config.json").read_text())
     cfg["process"]["terminal"] = False
@@ -140,7 +140,7 @@ class Peers:
         self.image_check = "not bootstrapped"
 
     def bring_up(self, archive: Path, image_id: str) -> None:
-        isoboxd, cli = _bin("isoboxd"), _bin("isobox")
+        isoboxd, cli = venv_bin("isoboxd"), venv_bin("isobox")
         if not isoboxd.is_file():
             self.why[CLI] = self.why[SDK] = f"{isoboxd} is not installed (no compute service)"
         else:
@@ -249,8 +249,8 @@ def scenarios(peers: Peers, bundle: Path) -> list[Scenario]:
     py = sys.executable
     return [
         Scenario(CLI, cli_steps, baseline=True, unavailable=peers.why.get(CLI),
-                 probe=[_bin("isobox"), "run", "--help"],
-                 versions={"isobox": [_bin("isobox"), "--version"]}),
+                 probe=[venv_bin("isobox"), "run", "--help"],
+                 versions={"isobox": [venv_bin("isobox"), "--version"]}),
         Scenario(SDK, sdk_steps, unavailable=peers.why.get(SDK),
                  probe=[py, "-c", "from isobox.client import Client"]),
         Scenario(CRUN, runtime("crun"), requires=["crun", "unshare"],
@@ -267,19 +267,6 @@ def scenarios(peers: Peers, bundle: Path) -> list[Scenario]:
     ]
 
 
-@contextlib.contextmanager
-def _environ(extra: dict[str, str]) -> Iterator[None]:
-    """``extra`` in this process's environment (for the SDK's client), restored after."""
-    saved = {key: os.environ.get(key) for key in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _cgroups_named(prefix: str) -> list[str]:
@@ -393,7 +380,7 @@ def run(config: Config) -> Report:
             stack.callback(lambda: leftovers.extend(peers.leftovers))
             env = peers.isobox.env if peers.isobox else {}
             cpu = CpuUse(peers)
-            with _environ(env):
+            with environ(env):
                 report = measure(
                     NAME, TITLE, scenarios(peers, bundle), config,
                     params={"image": f"{IMAGE} ({image_id}), bootstrapped by isobox, "

@@ -14,17 +14,13 @@ stopped; a bridge, veth or nft rule left of the benchmark is reported.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from bench.harness import REPO, Config, Report, Scenario, Step, fmt_s, log, measure
-from bench.peers import IsoboxDaemon, PeerError, mounts_under
+from bench.peers import IsoboxDaemon, PeerError, environ, mounts_under, venv_bin
 
 NAME = "network_cost"
 TITLE = "run --rm busybox true: default NAT network vs --network none (warm isoboxd)"
@@ -34,22 +30,8 @@ SDK_NONE = "SDK network none"
 SDK_NET = "SDK network default"
 
 
-def _bin(name: str) -> Path:
-    return Path(sys.executable).parent / name
 
 
-@contextlib.contextmanager
-def _environ(extra: dict[str, str]) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def scenarios(d: IsoboxDaemon) -> list[Scenario]:
@@ -98,12 +80,12 @@ def run(config: Config) -> Report:
     folder = Path(tempfile.mkdtemp(prefix="ibnet-", dir="/tmp"))
     links_before = _host_links("ibx-") | _host_links("ibv")
     leftovers: list[str] = []
-    d = IsoboxDaemon(folder, _bin("isoboxd"), _bin("isobox"))
+    d = IsoboxDaemon(folder, venv_bin("isoboxd"), venv_bin("isobox"))
     try:
         log(f"{NAME}: starting isoboxd in {folder}")
         d.start()
         d.isobox("image", "bootstrap", "busybox")
-        with _environ(d.env):
+        with environ(d.env):
             report = measure(
                 NAME, TITLE, scenarios(d), config,
                 params={"image": "busybox (bootstrapped by isobox)", "process": "true",

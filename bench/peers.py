@@ -37,10 +37,34 @@ import socket
 import subprocess
 import textwrap
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+def venv_bin(name: str) -> Path:
+    """A console script of the running interpreter's venv (``isobox``, ``isoboxd``, ...)."""
+    import sys
+
+    return Path(sys.executable).parent / name
+
+
+@contextlib.contextmanager
+def environ(extra: Mapping[str, str]) -> Iterator[None]:
+    """``extra`` in this process's environment (for an in-process SDK client), restored
+    after."""
+    saved = {key: os.environ.get(key) for key in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
 
 DOCKER_CLI = "/usr/bin/docker"  # another docker client may come first in PATH
 CMD_TIMEOUT = 120.0

@@ -18,13 +18,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from bench.harness import REPO, Config, Report, Scenario, Step, fmt_s, log, measure
-from bench.peers import IsoboxDaemon, mounts_under
+from bench.peers import IsoboxDaemon, environ, mounts_under, venv_bin
 
 NAME = "vm_start"
 TITLE = "run --rm busybox true: --isolation=vm (cold utility VM) vs --isolation=process"
@@ -32,22 +30,8 @@ VM = "CLI --isolation=vm"
 PROCESS = "CLI --isolation=process"
 
 
-def _bin(name: str) -> Path:
-    return Path(sys.executable).parent / name
 
 
-@contextlib.contextmanager
-def _environ(extra: dict[str, str]) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _qemus() -> list[int]:
@@ -79,11 +63,11 @@ def run(config: Config) -> Report:
     folder = Path(tempfile.mkdtemp(prefix="ibvm-", dir="/tmp"))  # sun_path: keep it short
     qemus_before = set(_qemus())
     leftovers: list[str] = []
-    d = IsoboxDaemon(folder, _bin("isoboxd"), _bin("isobox"))
+    d = IsoboxDaemon(folder, venv_bin("isoboxd"), venv_bin("isobox"))
     extra = {} if os.environ.get("ISOBOX_UVM_DIR") else {
         "ISOBOX_UVM_DIR": str(folder / "root" / "uvm")}
     try:
-        with _environ({**d.env, **extra}):
+        with environ({**d.env, **extra}):
             log(f"{NAME}: utility-VM assets (built untimed if missing)")
             assets = ensure_assets()
             accel = probe(assets=assets)
