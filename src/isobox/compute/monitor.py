@@ -60,6 +60,7 @@ from isobox.compute.backends import Backend, ChildIO, make_backend, unix_path
 from isobox.compute.logfile import LogWriter, now_ts
 from isobox.compute.plan import Plan, read_plan
 from isobox.errors import Conflict, InvalidArgument, IsoboxError, NotFound
+from isobox.silo.procinfo import process_entry
 from isobox.spec import stream as S
 
 READ_SIZE = 65536
@@ -1038,34 +1039,6 @@ class Monitor:
                 print(f"monitor: releasing {what}: {exc}", file=sys.stderr)
         self.sel.close()
 
-
-def process_entry(pid: int) -> dict[str, Any] | None:
-    """A ``ProcessEntry`` from ``/proc/<pid>``; None when it is gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    fields_ = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    rest = stat[stat.rindex(")") + 2:].split()
-    comm = stat[stat.index("(") + 1:stat.rindex(")")]
-    ticks = os.sysconf("SC_CLK_TCK")
-    nspid = fields_.get("NSpid", str(pid)).split()
-    args = [a.decode(errors="replace") for a in cmdline.split(b"\0") if a]
-    return {
-        "pid": pid,
-        "containerPid": int(nspid[-1]) if nspid else pid,
-        "ppid": int(fields_.get("PPid", "0").strip() or 0),
-        "uid": int(fields_.get("Uid", "0").split()[0]),
-        "state": rest[0],
-        "cpuTimeNs": (int(rest[11]) + int(rest[12])) * 1_000_000_000 // ticks,
-        "rssBytes": int(rest[21]) * os.sysconf("SC_PAGE_SIZE"),
-        "command": " ".join(args) if args else f"[{comm}]",
-    }
-
-
-# ---- process entry -------------------------------------------------------------------------
 
 
 class _Ready:
