@@ -288,3 +288,19 @@ def test_the_cli_starts_the_daemon(isobox_env: Path) -> None:
                 if stat[2] == "Z":
                     break
                 time.sleep(0.05)
+
+
+@pytest.mark.root
+@pytest.mark.overlay
+@pytest.mark.cgroup1
+def test_stats_no_stream_shows_the_cpu_of_a_busy_container(busybox: Path) -> None:
+    """One sample cannot give a CPU %: --no-stream measures over a short window, so a
+    spinning container under --cpus 0.5 shows about half a CPU, not 0.00%."""
+    cid = isobox("run", "-d", "--network", "none", "--cpus", "0.5", "busybox", "sh", "-c",
+                 "while :; do :; done").stdout.strip()
+    try:
+        time.sleep(0.5)
+        stats = json.loads(isobox("stats", "--no-stream", "--format", "json", cid).stdout)
+        assert 10 <= stats[0]["cpuPercent"] <= 75, stats
+    finally:
+        isobox("rm", "-f", cid)

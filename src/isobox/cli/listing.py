@@ -162,6 +162,9 @@ def stats(refs: tuple[str, ...], no_stream: bool, interval: float, fmt: str) -> 
     c = client()
     cts = [c.containers.get(r) for r in refs]
     previous: dict[str, tuple[float, int]] = {}
+    # CPU % needs two samples: --no-stream takes a silent one first (docker's shows the CPU
+    # of its last second too), or it would always print 0.00%.
+    primed = not no_stream
     while True:
         samples = []
         for ct in cts:
@@ -173,6 +176,10 @@ def stats(refs: tuple[str, ...], no_stream: bool, interval: float, fmt: str) -> 
                 s["cpuPercent"] = round((s["cpuUsageNs"] - cpu0) / ((now - t0) * 1e7), 2)
             previous[ct.id] = (now, s["cpuUsageNs"])
             samples.append((ct, s))
+        if not primed:
+            primed = True
+            time.sleep(min(interval, 0.5))
+            continue
         if fmt == "json":
             emit_json([{"id": ct.id, "name": ct.name, **s} for ct, s in samples])
         else:
