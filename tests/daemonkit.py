@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from isobox.api.server import short_socket_path
+from isobox.paths import socket_name
 from isobox.spec import stream as frames
 
 STREAM_PROTOCOL = "isobox-stream/1"
@@ -59,7 +59,7 @@ def connect_unix(path: str | Path, timeout: float | None) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        with short_socket_path(Path(path)) as name:
+        with socket_name(Path(path)) as name:
             sock.connect(name)
     except BaseException:
         sock.close()

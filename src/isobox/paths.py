@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 DEFAULT_ROOT = "/var/lib/isobox"
@@ -33,3 +35,19 @@ def is_static_elf(path: str | Path) -> bool:
 def installed_static_busybox() -> Path | None:
     """The host's static busybox (Debian's busybox-static), if installed."""
     return next((Path(p) for p in BUSYBOX_CANDIDATES if is_static_elf(p)), None)
+
+
+@contextlib.contextmanager
+def socket_name(path: Path) -> Iterator[str]:
+    """A name for the unix socket at ``path`` that fits ``sun_path`` (108 bytes): the path
+    itself, or for a long one the same file through an ``O_PATH`` descriptor of its folder
+    (``/proc/self/fd/N/name``), valid in this process while the context lasts. The daemon,
+    the monitors and their clients all bind and connect through it."""
+    if len(os.fsencode(str(path))) < 100:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)

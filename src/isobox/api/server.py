@@ -43,6 +43,7 @@ from typing import Any, BinaryIO, TypeVar
 from pydantic import BaseModel
 
 from isobox.errors import InvalidArgument, InvalidDocument, IsoboxError
+from isobox.paths import socket_name
 from isobox.spec.compute import parse_model
 from isobox.spec.stream import encode_control
 from isobox.spec.wire import STREAM_PROTOCOL
@@ -751,7 +752,7 @@ class ApiServer(http.server.ThreadingHTTPServer):
         tmp = self.socket_path.with_name(f".{self.socket_path.name}.{os.getpid()}.tmp")
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        with short_socket_path(tmp) as name:
+        with socket_name(tmp) as name:
             self.socket.bind(name)
         try:
             os.chmod(tmp, self.mode)
@@ -780,19 +781,6 @@ class ApiServer(http.server.ThreadingHTTPServer):
         log.exception("unhandled error on a connection")
 
 
-@contextlib.contextmanager
-def short_socket_path(path: Path) -> Iterator[str]:
-    """A name for the socket at ``path`` that fits ``sun_path`` (108 bytes): the path
-    itself, or for a long one the same file through an ``O_PATH`` descriptor of its folder
-    (``/proc/self/fd/N/name``), valid in this process while the context lasts."""
-    if len(os.fsencode(str(path))) < 100:
-        yield str(path)
-        return
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
-    finally:
-        os.close(fd)
 
 
 def serve_in_thread(server: ApiServer) -> threading.Thread:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from isobox.compute.plan import Identity, Plan, _layer_file, merge_env, resolve_user
 from isobox.errors import Conflict, InvalidArgument, NotFound
+from isobox.paths import socket_name
 
 if TYPE_CHECKING:
     import subprocess
@@ -76,19 +77,6 @@ def make_backend(plan: Plan) -> Backend:
     raise InvalidArgument(f"the monitor cannot run isolation {plan.isolation!r}")
 
 
-@contextlib.contextmanager
-def unix_path(path: Path) -> Iterator[str]:
-    """A name for the socket at ``path`` that fits ``sun_path`` (108 bytes): the path
-    itself, or for a long one the same file through an ``O_PATH`` descriptor of its folder
-    (``/proc/self/fd/N/name``), valid in this process while the context lasts."""
-    if len(os.fsencode(str(path))) < 100:
-        yield str(path)
-        return
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -152,7 +140,7 @@ class ProcessBackend:
         listener: socket.socket | None = None
         console = Path(plan.run_dir) / "console.sock"
         try:
-            with unix_path(console) as console_name:
+            with socket_name(console) as console_name:
                 if io.tty:
                     console.unlink(missing_ok=True)
                     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -56,10 +56,11 @@ from pathlib import Path
 from typing import Any
 
 from isobox import errors
-from isobox.compute.backends import Backend, ChildIO, make_backend, unix_path
+from isobox.compute.backends import Backend, ChildIO, make_backend
 from isobox.compute.logfile import LogWriter, now_ts
 from isobox.compute.plan import Plan, read_plan
 from isobox.errors import Conflict, InvalidArgument, IsoboxError, NotFound
+from isobox.paths import socket_name
 from isobox.silo.procinfo import process_entry
 from isobox.spec import stream as S
 
@@ -288,7 +289,7 @@ class Monitor:
         lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)
         try:
-            with unix_path(sock_path) as name:
+            with socket_name(sock_path) as name:
                 lst.bind(name)
         finally:
             os.umask(old)

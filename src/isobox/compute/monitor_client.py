@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from isobox.compute.backends import unix_path
 from isobox.compute.monitor import error_from_wire
 from isobox.errors import IsoboxError, NotFound
+from isobox.paths import socket_name
 from isobox.spec import stream as S
 
 PROTOCOL = 1
@@ -31,7 +31,7 @@ class MonitorClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.settimeout(self.timeout)
         try:
-            with unix_path(Path(self.path)) as name:
+            with socket_name(Path(self.path)) as name:
                 sock.connect(name)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
