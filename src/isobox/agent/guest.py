@@ -58,6 +58,7 @@ from isobox._sys import linux as L
 from isobox.errors import Conflict, InvalidArgument, IsoboxError, NotFound
 from isobox.silo.config import SiloConfig, from_json
 from isobox.silo.container import Container
+from isobox.silo.init import receive_console
 from isobox.silo.procinfo import process_entry
 
 READ_SIZE = 65536
@@ -507,14 +508,7 @@ class Agent:
                 c = Container.create(self.state_root, box.id, Path(box.cfg.root).parent,
                                      box.cfg, console_socket=str(console))
             box.container = c
-            listener.settimeout(10)
-            conn, _ = listener.accept()
-            with conn:
-                _, fds, _, _ = socket.recv_fds(conn, 64, 1)
-            if not fds:
-                raise Conflict("the container's init sent no terminal")
-            os.set_blocking(fds[0], False)
-            return c, fds[0]
+            return c, receive_console(listener)
         finally:
             listener.close()
             console.unlink(missing_ok=True)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from isobox.compute.plan import Identity, Plan, _layer_file, merge_env, resolve_user
 from isobox.errors import Conflict, InvalidArgument, NotFound
 from isobox.paths import socket_name
+from isobox.silo.init import receive_console
 
 if TYPE_CHECKING:
     import subprocess
@@ -154,14 +155,7 @@ class ProcessBackend:
             if listener is None:
                 return None
             # The init connected and sent the master during create: it is queued here.
-            listener.settimeout(10)
-            conn, _ = listener.accept()
-            with conn:
-                _, fds, _, _ = socket.recv_fds(conn, 64, 1)
-            if not fds:
-                raise Conflict("the container's init sent no terminal")
-            os.set_blocking(fds[0], False)
-            return fds[0]
+            return receive_console(listener)
         finally:
             if listener is not None:
                 listener.close()

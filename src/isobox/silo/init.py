@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from isobox._sys import linux as L
-from isobox.errors import IsoboxError
+from isobox.errors import Conflict, IsoboxError
 from isobox.silo import harden, rootfs
 from isobox.silo.config import SiloConfig
 from isobox.silo.hooks import run_hook
@@ -317,6 +317,19 @@ def default_signals() -> None:
 
 _TIOCSPTLCK = 0x40045431  # unlock the pty slave
 _TIOCGPTN = 0x80045430  # the pty's number
+
+
+def receive_console(listener: socket.socket, timeout: float = 10.0) -> int:
+    """The other end of :func:`pty_to_console`: accept the init's connection on the console
+    socket ``listener`` and return the pty master it sent (non-blocking)."""
+    listener.settimeout(timeout)
+    conn, _ = listener.accept()
+    with conn:
+        _, fds, _, _ = socket.recv_fds(conn, 64, 1)
+    if not fds:
+        raise Conflict("the container's init sent no terminal")
+    os.set_blocking(fds[0], False)
+    return fds[0]
 
 
 def pty_to_console(console: socket.socket | None) -> tuple[int, str]:
