@@ -177,6 +177,73 @@ def test_killed_mid_create_then_delete_leaves_nothing(rt: Runtime) -> None:
         os.kill(int(hook_pid.read_text()), signal.SIGKILL)
 
 
+def _stale_cgroup(cid: str, age: float) -> list[Path]:
+    """What a runtime killed between its mkdir and its delete leaves: the container's empty
+    cgroup folders (here in every v1 hierarchy but memory, as the CI machine once had)."""
+    made = []
+    for ctrl in ("cpu", "cpuacct", "pids", "freezer", "devices", "blkio"):
+        base = Path("/sys/fs/cgroup", ctrl)
+        if not base.is_dir() or base.is_symlink():
+            continue
+        d = base / "isobox" / cid
+        d.mkdir(parents=True)
+        made.append(d)
+    assert made, "no v1 hierarchy to make a leftover in"
+    then = time.time() - age
+    for d in made:
+        os.utime(d, (then, then))
+    return made
+
+
+def test_a_crashed_runtimes_empty_cgroup_is_reclaimed(rt: Runtime) -> None:
+    cid = f"stale{os.getpid()}"
+    made = _stale_cgroup(cid, age=3600)
+    try:
+        rt.config(["sh", "-c", "echo reclaimed"])
+        proc = rt("run", cid, check=False)
+        assert (proc.returncode, proc.stdout) == (0, "reclaimed\n"), proc.stderr
+        rt("delete", cid, check=False)
+        assert leftovers(cid) == []
+    finally:
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+def test_a_young_or_busy_cgroup_of_that_name_is_still_refused(rt: Runtime) -> None:
+    cid = f"young{os.getpid()}"
+    made = _stale_cgroup(cid, age=0)  # just made: maybe another runtime between mkdir and add
+    try:
+        rt.config(["true"])
+        proc = rt("run", cid, check=False)
+        assert proc.returncode != 0 and "exists already" in proc.stderr, proc.stderr
+        assert all(d.is_dir() for d in made), "refused, yet another owner's folder removed"
+        assert not (rt.root / cid).exists()
+        sleeper = subprocess.Popen(["sleep", "60"])
+        try:
+            (made[0] / "cgroup.procs").write_text(str(sleeper.pid))
+            then = time.time() - 3600
+            for d in made:
+                os.utime(d, (then, then))
+            proc = rt("run", cid, check=False)
+            assert proc.returncode != 0 and "exists already" in proc.stderr, proc.stderr
+            assert sleeper.poll() is None and made[0].is_dir()
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+    finally:
+        for d in made:
+            for _ in range(100):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.02)
+    assert leftovers(cid) == []
+
+
 def test_no_descriptor_leaks_into_the_container(rt: Runtime, tmp_path: Path) -> None:
     leak = os.open(tmp_path, os.O_RDONLY)  # a host directory fd in the runtime's caller
     try:

@@ -275,6 +275,29 @@ class Cgroup:
     def watches(self) -> Watches: raise NotImplementedError
     def dirs(self) -> list[str]: raise NotImplementedError
 
+    def reclaim_stale(self, min_age: float = 5.0) -> bool:
+        """Remove this cgroup if it is a leftover: it exists, no process is in it or below
+        it, and it was made more than ``min_age`` seconds ago (so not by an owner that is
+        between its mkdir and its first process). True if it was removed. What a crashed
+        runtime leaves is reclaimed this way by the next create of the same name; a busy
+        or young cgroup is left alone (rmdir of a folder with a task fails anyway)."""
+        if not self.exists() or self.pids():
+            return False
+        ages = []
+        for d in self.dirs():
+            with contextlib.suppress(FileNotFoundError):
+                ages.append(os.stat(d).st_mtime)
+        if not ages:
+            return False
+        made = max(ages)
+        if time.time() - made < min_age:
+            return False
+        try:
+            self.remove()
+        except IsoboxError:
+            return False
+        return not self.exists()
+
     def _sigkill_members(self) -> None:
         for pid in self.pids():
             with contextlib.suppress(ProcessLookupError):

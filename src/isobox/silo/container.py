@@ -250,7 +250,14 @@ class Container:
             # but not deleted, under another --root) is refused, and delete releases only
             # the folders recorded as made here.
             cg.exclusive = True
-            cg.create()
+            try:
+                cg.create()
+            except Conflict:
+                # An empty, old folder of that name is what a crashed runtime leaves
+                # (killed between its mkdir and its delete): reclaim it, as delete would.
+                if not cg.reclaim_stale():
+                    raise
+                cg.create()
             state.cgroup_owner = _cgroup_inodes(cg)
             c.save()
             cg.set_limits(cfg.limits, os.cpu_count() or 1)
