@@ -254,6 +254,39 @@ def add_entropy(data: bytes, *, credit: bool = True) -> None:
         os.close(fd)
 
 
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
+BLKFLSBUF = 0x1261  # _IO(0x12, 97)
+
+
+def reseed_crng() -> None:
+    """RNDRESEEDCRNG: the kernel's CRNG takes a new key from its pool now, not at its next
+    interval. A VM restored from a template has the template's CRNG state; after
+    :func:`add_entropy` this makes its next random bytes its own."""
+    import fcntl
+
+    fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+    except OSError as exc:
+        raise SystemError_("ioctl RNDRESEEDCRNG", "/dev/urandom", exc.errno or 0) from exc
+    finally:
+        os.close(fd)
+
+
+def flush_block_buffers(device: str) -> None:
+    """BLKFLSBUF: drop what the kernel has cached of a block device. A clone's disk slot
+    may hold another file than its template's did; cached blocks of the old one must go."""
+    import fcntl
+
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, BLKFLSBUF)
+    except OSError as exc:
+        raise SystemError_("ioctl BLKFLSBUF", device, exc.errno or 0) from exc
+    finally:
+        os.close(fd)
+
+
 LINUX_REBOOT_CMD_POWER_OFF = 0x4321FEDC
 _libc.reboot.argtypes = [ctypes.c_int]
 

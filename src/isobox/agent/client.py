@@ -148,6 +148,15 @@ class AgentClient:
         self.wait_ready(timeout)
         return self.negotiate()
 
+    def adopt(self, version: int) -> int:
+        """Speak to an agent that negotiated ``version`` already and will not say ``ready``
+        again: a clone's agent, restored from a template whose builder did both steps."""
+        if version not in P.VERSIONS:
+            raise P.ProtocolError(f"the template's agent speaks version {version}; this "
+                                  f"host speaks {list(P.VERSIONS)}")
+        self.version = version
+        return version
+
     def close(self) -> None:
         self.closed = True
         with contextlib.suppress(OSError):
@@ -259,11 +268,23 @@ class AgentClient:
 
     # ---- operations ----------------------------------------------------------------------
 
-    def hello(self, *, time_ns: int | None = None, entropy: bytes = b"") -> dict[str, Any]:
-        """Hand the guest the host's clock and random bytes (a cloned VM needs both)."""
+    def hello(self, *, time_ns: int | None = None, entropy: bytes = b"", reseed: bool = False,
+              hostname: str | None = None) -> dict[str, Any]:
+        """Hand the guest the host's clock and random bytes (a cloned VM needs both);
+        ``reseed`` re-keys its CRNG from them at once (a clone's is its template's);
+        ``hostname`` names the VM."""
         import base64
 
-        return self.call("hello", timeNs=time_ns, entropy=base64.b64encode(entropy).decode())
+        extra: dict[str, Any] = {"reseed": True} if reseed else {}
+        if hostname:
+            extra["hostname"] = hostname
+        return self.call("hello", timeNs=time_ns, entropy=base64.b64encode(entropy).decode(),
+                         **extra)
+
+    def warm(self, seccomp: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Have the agent import and compile what containers need (a template, before it
+        is saved)."""
+        return self.call("warm", seccomp=seccomp or [], timeout=max(self.timeout, 120.0))
 
     def create(self, container_id: str, config: dict[str, Any], *,
                rootfs: dict[str, Any] | None = None, disks: list[dict[str, Any]] | None = None,

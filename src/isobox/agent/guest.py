@@ -156,6 +156,24 @@ def find_nic(mac: str) -> str:
                    "(virtio_net not loaded?)")
 
 
+def only_nic() -> str:
+    """The utility VM's one network device (not ``lo``)."""
+    base = "/sys/class/net"
+    nics = [n for n in sorted(os.listdir(base))
+            if n != "lo" and os.path.exists(os.path.join(base, n, "device"))]
+    if len(nics) != 1:
+        raise NotFound(f"expected one network device in the utility VM, found {nics}")
+    return nics[0]
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
 def _run(argv: list[str]) -> None:
     import subprocess
 
@@ -356,8 +374,39 @@ class Agent:
         data = base64.b64decode(raw, validate=True) if isinstance(raw, str) else b""
         if data:
             L.add_entropy(data)
-        return {"clockSet": clock_set, "entropyBytes": len(data),
-                "timeNs": time.time_ns(), "kernel": os.uname().release}
+        reseeded = False
+        if req.get("reseed") and data:
+            # A clone of a template: its CRNG is the template's, byte for byte, until it
+            # is re-keyed from the pool that now holds the host's fresh bytes.
+            L.reseed_crng()
+            import random
+
+            random.seed()
+            reseeded = True
+        hostname = req.get("hostname")
+        if isinstance(hostname, str) and hostname and self.set_clock:
+            socket.sethostname(hostname)
+        return {"clockSet": clock_set, "entropyBytes": len(data), "reseeded": reseeded,
+                "timeNs": time.time_ns(), "kernel": os.uname().release,
+                "bootId": _boot_id()}
+
+    def op_warm(self, _rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        """What a template does before it is saved, so that no clone pays it: the modules
+        a create and an exec import, and the seccomp programs of ``seccomp`` (profiles as
+        the host sends them) compiled into the per-profile cache that forks inherit."""
+        started = time.monotonic()
+        import random  # noqa: F401  (hello reseeds it in a clone)
+
+        import isobox.silo.execin
+        import isobox.silo.harden  # noqa: F401
+        from isobox._sys import seccomp
+
+        compiled = 0
+        for profile in req.get("seccomp") or []:
+            if isinstance(profile, dict):
+                seccomp.compile_cached(profile)
+                compiled += 1
+        return {"seconds": time.monotonic() - started, "seccompCompiled": compiled}
 
     def _box(self, req: dict[str, Any]) -> Box:
         cid = _str(req, "id")
@@ -427,10 +476,12 @@ class Agent:
         source, target = _str(disk, "source"), _str(disk, "target")
         if source.startswith("serial:"):
             source = block_by_serial(source[len("serial:"):])
+            # In a clone this slot held another file (or none) when the template read it.
+            L.flush_block_buffers(source)
         fstype = _str(disk, "fstype")
         opts = [o for o in disk.get("options") or [] if isinstance(o, str)]
-        flags = L.MS_RDONLY if "ro" in opts else 0
-        data = ",".join(o for o in opts if o not in ("ro", "rw")) or None
+        flags = (L.MS_RDONLY if "ro" in opts else 0) | (L.MS_NOATIME if "noatime" in opts else 0)
+        data = ",".join(o for o in opts if o not in ("ro", "rw", "noatime")) or None
         self._mkdir(box, target)
         L.mount(source, target, fstype, flags | L.MS_NODEV | L.MS_NOSUID, data)
         box.mounts.append(target)
@@ -657,8 +708,13 @@ class Agent:
         mac = _str(req, "mac").lower()
         ip, gateway = _str(req, "ip"), _str(req, "gateway")
         prefix = _int(req, "prefixLen")
-        dev = find_nic(mac)
         ipcmd = [BUSYBOX, "ip"]
+        try:
+            dev = find_nic(mac)
+        except NotFound:
+            # A clone: its NIC kept the template's address; it takes the endpoint's.
+            dev = only_nic()
+            _run([*ipcmd, "link", "set", "dev", dev, "address", mac])
         for argv in (["link", "set", "lo", "up"],
                      ["addr", "add", f"{ip}/{prefix}", "dev", dev],
                      ["link", "set", dev, "up"],
@@ -683,7 +739,7 @@ class Agent:
         "start": op_start, "exec": op_exec, "signal": op_signal, "resize": op_resize,
         "wait": op_wait, "pause": op_pause, "resume": op_resume, "stats": op_stats,
         "top": op_top, "delete": op_delete, "shutdown": op_shutdown,
-        "network": op_network,
+        "network": op_network, "warm": op_warm,
     }
 
     # ---- processes -----------------------------------------------------------------------

@@ -57,6 +57,9 @@ def create_options(f: _F) -> _F:
         click.option("--pids-limit", type=int, help="Process/thread limit."),
         click.option("--isolation", type=click.Choice(ISOLATIONS),
                      help="process (default), vm or host."),
+        click.option("--no-template", "no_template", is_flag=True,
+                     help="With --isolation=vm: boot the utility VM cold instead of cloning "
+                          "it from a template (slower; for comparison)."),
         click.option("--network", metavar="MODE",
                      help="default (the NAT network isobox), none (loopback only), host, "
                           "a network's NAME, or container:ID (share its network)."),
@@ -105,6 +108,7 @@ def _document_options(o: dict[str, Any]) -> dict[str, Any]:
         "stdin_open": o["interactive"],
         "tty": o["tty"],
         "auto_remove": o["rm"],
+        "vm_template": not o["no_template"],
     }
 
 

@@ -194,12 +194,14 @@ def build_document(
     read_only: bool = False,
     auto_remove: bool = False,
     cap_add: Sequence[str] | None = None,
+    vm_template: bool = True,
 ) -> dict[str, Any]:
     """The compute-system document (wire version 1.0) for these docker-py-style options.
 
     ``network`` (or ``network_mode``): ``none``, ``host``, ``default``, a network's name or
     ``container:<ref>``; ``ports``: see :func:`_ports`; ``network_rate``: egress bytes/s
-    (``"1m"``, ``"512k"``)."""
+    (``"1m"``, ``"512k"``); ``vm_template=False``: under vm isolation, boot the utility VM
+    cold instead of cloning it from a template (for comparison)."""
     process: dict[str, Any] = {"env": _env(environment), "tty": tty, "stdin": stdin_open}
     if (args := _args(command)) is not None:
         process["args"] = args
@@ -246,6 +248,8 @@ def build_document(
         doc["network"] = net
     if resources:
         doc["resources"] = resources
+    if not vm_template:
+        doc["vm"] = {"template": False}
     return doc
 
 

@@ -495,7 +495,7 @@ def vm_plan(doc: ComputeSystem, argv: list[str], env: list[str], cwd: str, *,
     silo = to_json(from_oci(parse_config(json.dumps(oci), "plan.vm"), Path(GUEST_BUNDLE)))
     mib, cpus = vm_size(doc)
     return {
-        "memoryMib": mib, "cpus": cpus,
+        "memoryMib": mib, "cpus": cpus, "template": doc.vm.template,
         # Top first, as overlayfs' lowerdir lists them; each is one read-only disk.
         "layers": [str(p) for p in mounts.lower],
         "scratch": str(container_dir / SCRATCH_DISK),

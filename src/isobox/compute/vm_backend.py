@@ -63,6 +63,7 @@ from isobox.errors import (
 if TYPE_CHECKING:
     from isobox.agent.client import AgentClient, ProcessStream
     from isobox.jobs.cgroup import Cgroup
+    from isobox.uvm.template import Template
     from isobox.uvm.vm import ExitInfo, UtilityVM
 
 SCRATCH_SIZE = 1 << 30  # sparse: only what the container writes is allocated
@@ -259,6 +260,7 @@ class VmBackend:
         ensure_scratch_disk(scratch, Path(v["scratchSeed"]) if v.get("scratchSeed") else None)
         disks = [Disk(p, f"layer{i}") for i, p in enumerate(layers)]
         disks.append(Disk(scratch, "scratch", False))
+        tpl = self._template(assets, layers)
         shares = []
         for s in v.get("shares") or []:
             if not os.path.exists(s["source"]):
@@ -267,19 +269,40 @@ class VmBackend:
             # the guest cannot chown host files; passthrough would let guest root do so.
             shares.append(Share(s["tag"], Path(s["source"]), bool(s["readOnly"]),
                                 "passthrough"))
-        cfg = VmConfig(memory_mib=int(v["memoryMib"]), cpus=int(v["cpus"]), disks=disks,
-                       shares=shares, tap=v.get("tap"), mac=v.get("mac"))
+        started = time.monotonic()
+        hostname = (v.get("silo") or {}).get("hostname") or None
+        if tpl is not None:
+            from isobox.uvm.template import pad_layer
+
+            for p in layers:
+                pad_layer(p)
+            cfg = tpl.clone_config(disks=disks, shares=shares, tap=v.get("tap"),
+                                   mac=v.get("mac"))
+        else:
+            cfg = VmConfig(memory_mib=int(v["memoryMib"]), cpus=int(v["cpus"]), disks=disks,
+                           shares=shares, tap=v.get("tap"), mac=v.get("mac"))
         self.vm = UtilityVM(vm_id(self.plan.id), assets, cfg)
         self.vm.start(BOOT_TIMEOUT)
         assert self.vm.agent is not None
         self.agent = AgentClient(self.vm.agent, timeout=BOOT_TIMEOUT)
         self.vm.on_exit(self._vm_ended)
-        self.agent.connect(BOOT_TIMEOUT)
-        self.agent.hello(time_ns=time.time_ns(), entropy=os.urandom(64))
+        if tpl is not None:
+            self.vm.restore(tpl.state, BOOT_TIMEOUT)
+            self.agent.adopt(tpl.protocol_version)
+        else:
+            self.agent.connect(BOOT_TIMEOUT)
+        # A clone's clock, CRNG and hostname are its template's until here.
+        hello = self.agent.hello(time_ns=time.time_ns(), entropy=os.urandom(64),
+                                 reseed=tpl is not None, hostname=hostname)
+        self._record_boot(tpl, time.monotonic() - started, hello)
         if v.get("network"):
             self._network(v["network"])
-        mounts = [{"source": f"serial:layer{i}", "target": f"{GUEST_LAYERS}/{i}",
-                   "fstype": "erofs", "options": ["ro"]} for i in range(len(layers))]
+        mounts = []
+        if tpl is not None:  # a template never mounts the scratch slot: the agent does
+            mounts.append({"source": "serial:scratch", "target": GUEST_SCRATCH,
+                           "fstype": "ext4", "options": ["noatime"]})
+        mounts += [{"source": f"serial:layer{i}", "target": f"{GUEST_LAYERS}/{i}",
+                    "fstype": "erofs", "options": ["ro"]} for i in range(len(layers))]
         mounts += [{"source": s["tag"], "target": s["guest"], "fstype": "9p",
                     "options": ["trans=virtio", "version=9p2000.L", "msize=262144",
                                 *(["ro"] if s["readOnly"] else [])]}
@@ -291,6 +314,50 @@ class VmBackend:
         self._created = True
         self.pid = stream.pid
         return self._bridge(stream, io)
+
+    def _template(self, assets: Any, layers: list[Path]) -> Template | None:
+        """The template this run clones, or None for a cold boot: asked for
+        (``template: false``, ``--no-template``), or the container does not fit a clone's
+        slots (the reason is kept in ``vm.json``)."""
+        from isobox.uvm.template import ensure_template, fits
+
+        v = self.plan.vm
+        self.cold_reason: str | None = None
+        if v.get("template") is False:
+            self.cold_reason = "asked for (--no-template)"
+            return None
+        why = fits([p.stat().st_size for p in layers], len(v.get("shares") or []))
+        if why is None and Path(v["scratch"]).stat().st_size != SCRATCH_SIZE:
+            why = "its scratch disk is not of the template's size"
+        if why is not None:
+            self.cold_reason = why
+            return None
+        seccomp = ((v.get("silo") or {}).get("process") or {}).get("seccomp")
+        try:
+            return ensure_template(assets, int(v["memoryMib"]), int(v["cpus"]),
+                                   warm_seccomp=[seccomp] if seccomp else None)
+        except IsoboxError as exc:
+            # The container still runs, booted cold; vm.json says why.
+            self.cold_reason = f"no template: {exc}"[:2000]
+            return None
+
+    def _record_boot(self, tpl: Template | None, seconds: float,
+                     hello: dict[str, Any]) -> None:
+        """``vm.json`` in the container's folder: how its VM started (clone of which
+        template, or cold and why), the accelerator, and how long it took to answer."""
+        import json
+
+        assert self.vm is not None
+        info = {"mode": "clone" if tpl is not None else "cold",
+                "template": tpl.key if tpl is not None else None,
+                "coldReason": getattr(self, "cold_reason", None),
+                "accel": self.vm.accel_name, "qemuPid": self.vm.pid,
+                "secondsToAgent": round(seconds, 4), "bootId": hello.get("bootId")}
+        path = Path(self.plan.container_dir) / "vm.json"
+        with contextlib.suppress(OSError):
+            tmp = path.with_name(".vm.json.tmp")
+            tmp.write_text(json.dumps(info))
+            os.replace(tmp, path)
 
     def _network(self, net: dict[str, Any]) -> None:
         """The guest's NIC (the endpoint's tap, found by its MAC) configured by the agent,

@@ -224,6 +224,15 @@ class ResourcesSpec(_Model):
         return v
 
 
+class VmSpec(_Model):
+    """Options of ``isolation: vm`` (ignored by the others)."""
+
+    # Start the utility VM as a clone of a pre-booted template (the fast path); false
+    # boots it cold (``--no-template``). A container that does not fit a clone's slots
+    # (more than 14 layers or 5 mapped folders) boots cold either way.
+    template: bool = True
+
+
 class ComputeSystem(_Model):
     """The versioned document that creates a container in one call."""
 
@@ -237,6 +246,7 @@ class ComputeSystem(_Model):
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     labels: dict[str, str] = Field(default_factory=dict)
+    vm: VmSpec = Field(default_factory=VmSpec)
     read_only: bool = False  # the root filesystem
     auto_remove: bool = False  # removed by the daemon when it stops (``run --rm``)
 

@@ -90,6 +90,30 @@ class Share(NamedTuple):
 
 
 @dataclass(frozen=True)
+class Layout:
+    """The fixed device slots of a VM made from a template (docs/uvm-design.md, "Templates
+    and clones"). A clone must have exactly its template's devices, so every templated VM
+    has ``ro_disks`` read-only disk slots, one writable disk slot, ``shares`` 9p slots
+    (tags ``m0``..) and one NIC; an unused disk slot is a ``null-co`` drive reading
+    zeros, an unused share an empty read-only folder, an unplugged NIC a hub port with
+    nothing else on it. Sizes are part of the layout: the guest reads a disk's size once,
+    when the template probes it, so every disk in a slot must have exactly that size."""
+
+    ro_disks: int = 14
+    ro_disk_bytes: int = 4 << 30
+    rw_disk_bytes: int = 1 << 30
+    shares: int = 5
+    version: int = 1
+
+    @property
+    def share_tags(self) -> list[str]:
+        return [f"m{i}" for i in range(self.shares)]
+
+
+LAYOUT = Layout()  # 3 fixed devices + 14 + 1 + 5 + 1 = microvm's 24 virtio-mmio transports
+
+
+@dataclass(frozen=True)
 class VmConfig:
     """The shape of one VM. Socket paths default to the VM's run folder. ``tap``: an
     existing tap device for a ``virtio-net-device`` (networking). ``cmdline``: appended
@@ -104,6 +128,14 @@ class VmConfig:
     tap: str | None = None
     mac: str | None = None
     cmdline: str = ""
+    # Templates and clones: ``layout`` gives the fixed slots; ``memory_file`` backs guest
+    # RAM with a file (``share=on``: the template writes its RAM there; off: a clone maps
+    # it copy-on-write); ``incoming`` starts QEMU waiting for a device state (restore()).
+    layout: Layout | None = None
+    memory_file: Path | None = None
+    memory_shared: bool = False
+    incoming: bool = False
+    empty_share: Path | None = None  # what an unused share slot exports (an empty folder)
 
     def __post_init__(self) -> None:
         # Plain ``(path, serial, readonly)`` / ``(tag, path, readonly)`` tuples are welcome.
@@ -132,6 +164,34 @@ class VmConfig:
             tags.append(s.tag)
         if self.tap is not None and not re.match(r"^[A-Za-z0-9_.-]{1,15}$", self.tap):
             raise InvalidArgument(f"tap device name {self.tap!r}")
+        if self.incoming and self.memory_file is None:
+            raise InvalidArgument("a restored VM needs the template's memory file")
+        lay = self.layout
+        if lay is not None:
+            ro = [d for d in self.disks if d.readonly]
+            rw = [d for d in self.disks if not d.readonly]
+            if len(ro) > lay.ro_disks or len(rw) > 1 or len(self.shares) > lay.shares:
+                raise InvalidArgument(
+                    f"a templated VM has {lay.ro_disks} read-only disks, 1 writable disk "
+                    f"and {lay.shares} shares; asked for {len(ro)}, {len(rw)}, "
+                    f"{len(self.shares)}")
+            if self.disks[:len(ro)] != tuple(ro):
+                raise InvalidArgument("a templated VM's read-only disks come first")
+            for d in self.disks:
+                want = lay.ro_disk_bytes if d.readonly else lay.rw_disk_bytes
+                try:
+                    size = d.path.stat().st_size
+                except OSError as exc:
+                    raise InvalidArgument(f"disk {d.serial}: {d.path}: {exc.strerror}") from None
+                if size != want:
+                    raise InvalidArgument(f"disk {d.serial}: {d.path} is {size} bytes; its "
+                                          f"slot in a templated VM takes exactly {want}")
+            for i, sh in enumerate(self.shares):
+                if sh.tag != lay.share_tags[i]:
+                    raise InvalidArgument(f"share {i} of a templated VM has the tag "
+                                          f"{lay.share_tags[i]!r}, not {sh.tag!r}")
+            if len(self.shares) < lay.shares and self.empty_share is None:
+                raise InvalidArgument("a templated VM needs an empty folder for unused shares")
 
 
 @dataclass(frozen=True)
@@ -320,9 +380,16 @@ class UtilityVM:
         """The full QEMU command line (docs/uvm-design.md section 4)."""
         c = self.config
         cmdline = " ".join(x for x in (self.assets.cmdline_base, c.cmdline) if x)
+        machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on"
+        mem: list[str] = []
+        if c.memory_file is not None:
+            machine += ",memory-backend=ram0"
+            share = "on" if c.memory_shared else "off"
+            mem = ["-object", f"memory-backend-file,id=ram0,size={c.memory_mib}M,"
+                              f"mem-path={_opt(c.memory_file)},share={share}"]
         argv = [
             qemu_binary(), "-name", _opt(f"isobox-{self.id}"),
-            "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+            "-M", machine, *mem,
             *accel_args(self.accel_name),
             "-m", str(c.memory_mib), "-smp", str(c.cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -340,7 +407,25 @@ class UtilityVM:
             "-device", f"virtserialport,id={AGENT_PORT},chardev=agent,name={AGENT_PORT}",
             "-device", "virtio-rng-device",
         ]
-        for i, d in enumerate(c.disks):
+        disks: list[Disk | None] = list(c.disks)
+        shares: list[Share | None] = list(c.shares)
+        lay = c.layout
+        if lay is not None:  # every slot, in a fixed order: see Layout
+            ro_disks = [d for d in c.disks if d.readonly]
+            rw_disks = [d for d in c.disks if not d.readonly]
+            disks = [*ro_disks, *[None] * (lay.ro_disks - len(ro_disks)),
+                     rw_disks[0] if rw_disks else None]
+            shares = [*c.shares, *[None] * (lay.shares - len(c.shares))]
+        for i, d in enumerate(disks):
+            if d is None:  # an unused slot: zeros, nothing on the host behind it
+                assert lay is not None
+                last = i == len(disks) - 1
+                size = lay.rw_disk_bytes if last else lay.ro_disk_bytes
+                ro = "" if last else ",readonly=on"
+                argv += ["-drive", f"id=disk{i},driver=null-co,size={size},read-zeroes=on,"
+                                   f"if=none{ro}",
+                         "-device", f"virtio-blk-device,drive=disk{i},serial=empty{i}"]
+                continue
             # A read-only disk is shared content (layers): no cache coherence to keep. A
             # writable one (scratch) honours the guest's flushes: it outlives the VM.
             cache = "unsafe" if d.readonly else "writeback,discard=unmap"
@@ -348,15 +433,24 @@ class UtilityVM:
             argv += ["-drive", f"id=disk{i},file={_opt(d.path)},format=raw,if=none,"
                                f"cache={cache}{ro}",
                      "-device", f"virtio-blk-device,drive=disk{i},serial={d.serial}"]
-        for i, s in enumerate(c.shares):
-            ro = ",readonly=on" if s.readonly else ""
-            argv += ["-fsdev", f"local,id=fs{i},path={_opt(s.path)},"
-                               f"security_model={s.security}{ro}",
-                     "-device", f"virtio-9p-device,fsdev=fs{i},mount_tag={s.tag}"]
+        for i, slot in enumerate(shares):
+            if slot is None:
+                assert lay is not None and c.empty_share is not None
+            sh = slot or Share(lay.share_tags[i] if lay else "", c.empty_share or Path("/"),
+                               True, "none")
+            ro = ",readonly=on" if sh.readonly else ""
+            argv += ["-fsdev", f"local,id=fs{i},path={_opt(sh.path)},"
+                               f"security_model={sh.security}{ro}",
+                     "-device", f"virtio-9p-device,fsdev=fs{i},mount_tag={sh.tag}"]
+        mac = f",mac={c.mac}" if c.mac else ""
         if c.tap is not None:
-            mac = f",mac={c.mac}" if c.mac else ""
             argv += ["-netdev", f"tap,id=net0,ifname={c.tap},script=no,downscript=no",
                      "-device", f"virtio-net-device,netdev=net0{mac}"]
+        elif lay is not None:  # the NIC slot unplugged: a hub port that leads nowhere
+            argv += ["-netdev", "hubport,id=net0,hubid=0",
+                     "-device", f"virtio-net-device,netdev=net0{mac}"]
+        if c.incoming:
+            argv += ["-incoming", "defer"]
         return argv
 
     # -- life cycle -----------------------------------------------------------------
@@ -645,3 +739,55 @@ class UtilityVM:
         self.wait_event("VSERPORT_CHANGE", timeout,
                         lambda ev: bool(ev.get("data", {}).get("open")))
         return time.monotonic() - self.started_at
+
+    # -- templates and clones ---------------------------------------------------------
+
+    def _migration_done(self, what: str, timeout: float) -> float:
+        """Poll ``query-migrate`` until it completes (a destination sends no event).
+        Returns the seconds it took."""
+        started = time.monotonic()
+        deadline = started + timeout
+        while True:
+            info = self.qmp("query-migrate", timeout=timeout)
+            status = info.get("status") if isinstance(info, dict) else None
+            if status == "completed":
+                return time.monotonic() - started
+            if status in ("failed", "cancelled"):
+                raise VmError(f"VM {self.id}: {what} {status}: "
+                              f"{info.get('error-desc', 'no reason given')}")
+            if time.monotonic() > deadline:
+                raise WaitTimeout(f"VM {self.id}: {what} not done within {timeout:g} s "
+                                  f"({status})")
+            time.sleep(0.002)
+
+    def save_state(self, path: Path, timeout: float = 60.0) -> float:
+        """Pause the guest and write its device state to ``path`` (QMP ``stop`` +
+        ``migrate`` with ``x-ignore-shared``: RAM in a shared memory file is not copied,
+        it *is* the file). The VM stays paused. Returns the seconds it took."""
+        if self.config.memory_file is None or not self.config.memory_shared:
+            raise InvalidArgument(f"VM {self.id}: only a VM with shared file memory can "
+                                  "be saved as a template")
+        if "'" in str(path):
+            raise InvalidArgument(f"state file path {path!r}: no quote allowed")
+        started = time.monotonic()
+        self.qmp("stop")
+        self.qmp("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}]})
+        self.qmp("migrate", {"uri": f"exec:cat > '{path}'"})
+        self._migration_done("saving the device state", timeout)
+        return time.monotonic() - started
+
+    def restore(self, state: Path, timeout: float = 60.0) -> float:
+        """A VM started with ``incoming``: load the template's device state (its RAM is
+        the memory file, mapped copy-on-write) and let it run. Returns the seconds."""
+        if not self.config.incoming:
+            raise InvalidArgument(f"VM {self.id} was not started to restore a state")
+        if "'" in str(state):
+            raise InvalidArgument(f"state file path {state!r}: no quote allowed")
+        started = time.monotonic()
+        self.qmp("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}]})
+        self.qmp("migrate-incoming", {"uri": f"exec:cat '{state}'"})
+        self._migration_done("restoring the template", timeout)
+        self.qmp("cont")  # the template was saved paused
+        return time.monotonic() - started
