@@ -143,7 +143,7 @@ def assert_no_vm_left(run: Path, ids: list[str]) -> None:
     while True:
         left = [q for q in _qemus() if any(f"isobox-c-{cid[:20]}" in q for cid in ids)]
         dirs = list((run / "uvm").glob("*")) if (run / "uvm").is_dir() else []
-        if not left and not dirs or time.monotonic() > deadline:
+        if (not left and not dirs) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     assert not left and not dirs, (left, dirs)
@@ -307,4 +307,34 @@ def test_no_template_boots_cold_and_both_give_the_same_output(
     assert outs["clone"] == outs["cold"] and outs["clone"].startswith("hi\n")
     assert outs["clone"].endswith("vmbox\n")
     assert_nothing_left(isobox_env, daemon.run, ids)
+    assert_no_vm_left(daemon.run, ids)
+
+
+@_marks
+def test_fifty_vm_containers_at_once_each_answer_exec_and_leave_nothing(
+        daemon: Daemon, isobox_env: Path) -> None:
+    """Issue 8: 50 VM-isolated containers on this 2-core machine, all running together."""
+    n = 50
+    cli("run", "--rm", "--isolation=vm", "--network", "none", "busybox", "true")  # template
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(
+            lambda i: cli("run", "-d", "--isolation=vm", "--network", "none",
+                          "--name", f"many{i}", "busybox", "sleep", "3600",
+                          timeout=900), range(n)))
+    ids = [r.stdout.strip() for r in runs]
+    infos = [vm_info(isobox_env, cid) for cid in ids]
+    assert {i["mode"] for i in infos} == {"clone"}
+    running = cli("ps", "-q", "--filter", "isolation=vm").stdout.split()
+    assert len(set(running) & set(ids)) == n
+
+    def answer(pair: tuple[int, str]) -> str:
+        i, cid = pair
+        return cli("exec", cid, "sh", "-c", f"echo {i} $(hostname)", timeout=600).stdout
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(answer, enumerate(ids)))
+    assert [o.split()[0] for o in outs] == [str(i) for i in range(n)]
+    assert len({i["qemuPid"] for i in infos}) == n
+    cli("rm", "-f", *ids, timeout=900)
+    assert_nothing_left(isobox_env, daemon.run, ids, timeout=60)
     assert_no_vm_left(daemon.run, ids)

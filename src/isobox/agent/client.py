@@ -54,6 +54,7 @@ class ProcessStream:
     pid: int = 0
     events: queue.Queue[Output | None] = field(default_factory=queue.Queue)
     exit: ExitStatus | None = None
+    steps: dict[str, float] = field(default_factory=dict)  # the guest's create, timed
 
     def write(self, data: bytes) -> None:
         self.client.write_stdin(self.stream, data)
@@ -301,6 +302,7 @@ class AgentClient:
             self._forget(s)
             raise
         s.pid = int(reply["pid"])
+        s.steps = dict(reply.get("steps") or {})
         return s
 
     def start(self, container_id: str) -> int:

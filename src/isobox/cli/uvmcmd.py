@@ -28,9 +28,12 @@ def uvm() -> None:
 @uvm.command("build")
 @click.option("--force", is_flag=True, help="Rebuild even when the cached assets match.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the assets folder.")
-def build(force: bool, quiet: bool) -> None:
+@click.option("--no-template", "no_template", is_flag=True,
+              help="Do not build the default VM template (512 MiB, 1 vCPU) now; the first "
+                   "VM container then builds it.")
+def build(force: bool, quiet: bool, no_template: bool) -> None:
     """Build the assets, or reuse them when no input changed (packages, isobox's guest
-    code, the builder)."""
+    code, the builder); then the default utility-VM template that VM containers clone."""
     from isobox.uvm.assets import ensure_assets
 
     t0 = time.monotonic()
@@ -60,6 +63,26 @@ def build(force: bool, quiet: bool) -> None:
             click.echo(f"  {step:<40} {secs:6.2f} s")
     click.echo(f"  kernel {m.get('kernel_release')} ({m['inputs']['kernel_package']}), "
                f"{len(m.get('module_order', []))} modules")
+    if not no_template:
+        _build_template(a, force)
+
+
+def _build_template(assets: object, force: bool) -> None:
+    from isobox.uvm.template import ensure_template
+
+    t0 = time.monotonic()
+    try:
+        tpl = ensure_template(assets, 512, 1, force=force)  # type: ignore[arg-type]
+    except IsoboxError as exc:
+        click.echo(f"isobox: error: the VM template: {exc}", err=True)
+        sys.exit(1)
+    took = time.monotonic() - t0
+    how = f"built in {tpl.build_seconds:.2f} s" if took > 1 else "reused (cache hit)"
+    ram = tpl.ram.stat().st_blocks * 512
+    click.echo(f"VM template {tpl.key} ({tpl.memory_mib} MiB, {tpl.cpus} vCPU, "
+               f"{tpl.accel}) {how}: {tpl.dir}")
+    click.echo(f"  guest RAM in use {_mb(ram)} (shared by every clone), device state "
+               f"{tpl.state.stat().st_size / 1e3:.0f} KB, saved in {tpl.save_seconds * 1e3:.0f} ms")
 
 
 @uvm.command("info")

@@ -250,6 +250,12 @@ class VmBackend:
         from isobox.uvm.vm import Disk, Share, UtilityVM, VmConfig
 
         v = self.plan.vm
+        t0 = time.monotonic()
+        marks: dict[str, float] = {}
+
+        def mark(step: str) -> None:
+            marks[step] = round(time.monotonic() - t0 - sum(marks.values()), 4)
+
         assets = load_assets()
         if assets is None:
             raise IsolationUnavailable("vm isolation: the utility-VM assets are not built "
@@ -269,6 +275,7 @@ class VmBackend:
             # the guest cannot chown host files; passthrough would let guest root do so.
             shares.append(Share(s["tag"], Path(s["source"]), bool(s["readOnly"]),
                                 "passthrough"))
+        mark("prepare")  # assets, layer disks, scratch disk, the template (a build: seconds)
         started = time.monotonic()
         hostname = (v.get("silo") or {}).get("hostname") or None
         if tpl is not None:
@@ -283,24 +290,30 @@ class VmBackend:
                            shares=shares, tap=v.get("tap"), mac=v.get("mac"))
         self.vm = UtilityVM(vm_id(self.plan.id), assets, cfg)
         self.vm.start(BOOT_TIMEOUT)
+        mark("qemu")  # spawn until QEMU connected the agent channel and QMP answers
         assert self.vm.agent is not None
         self.agent = AgentClient(self.vm.agent, timeout=BOOT_TIMEOUT)
         self.vm.on_exit(self._vm_ended)
         if tpl is not None:
             self.vm.restore(tpl.state, BOOT_TIMEOUT)
             self.agent.adopt(tpl.protocol_version)
+            mark("restore")
         else:
             self.agent.connect(BOOT_TIMEOUT)
+            mark("boot")
         # A clone's clock, CRNG and hostname are its template's until here.
         hello = self.agent.hello(time_ns=time.time_ns(), entropy=os.urandom(64),
                                  reseed=tpl is not None, hostname=hostname)
-        self._record_boot(tpl, time.monotonic() - started, hello)
+        mark("hello")
+        seconds = time.monotonic() - started
         if v.get("network"):
             self._network(v["network"])
+            mark("network")
         mounts = []
         if tpl is not None:  # a template never mounts the scratch slot: the agent does
+            # (noinit_itable: no kernel thread zeroing inode tables behind the container)
             mounts.append({"source": "serial:scratch", "target": GUEST_SCRATCH,
-                           "fstype": "ext4", "options": ["noatime"]})
+                           "fstype": "ext4", "options": ["noatime", "noinit_itable"]})
         mounts += [{"source": f"serial:layer{i}", "target": f"{GUEST_LAYERS}/{i}",
                     "fstype": "erofs", "options": ["ro"]} for i in range(len(layers))]
         mounts += [{"source": s["tag"], "target": s["guest"], "fstype": "9p",
@@ -311,6 +324,9 @@ class VmBackend:
                   "upper": f"{GUEST_SCRATCH}/upper", "work": f"{GUEST_SCRATCH}/work"}
         stream = self.agent.create(self.plan.id, v["silo"], rootfs=rootfs, disks=mounts,
                                    tty=self.plan.tty, stdin=self.plan.stdin)
+        mark("create")
+        marks.update({f"guest.{k}": v for k, v in stream.steps.items()})
+        self._record_boot(tpl, seconds, hello, marks)
         self._created = True
         self.pid = stream.pid
         return self._bridge(stream, io)
@@ -342,7 +358,7 @@ class VmBackend:
             return None
 
     def _record_boot(self, tpl: Template | None, seconds: float,
-                     hello: dict[str, Any]) -> None:
+                     hello: dict[str, Any], steps: dict[str, float]) -> None:
         """``vm.json`` in the container's folder: how its VM started (clone of which
         template, or cold and why), the accelerator, and how long it took to answer."""
         import json
@@ -352,7 +368,8 @@ class VmBackend:
                 "template": tpl.key if tpl is not None else None,
                 "coldReason": getattr(self, "cold_reason", None),
                 "accel": self.vm.accel_name, "qemuPid": self.vm.pid,
-                "secondsToAgent": round(seconds, 4), "bootId": hello.get("bootId")}
+                "secondsToAgent": round(seconds, 4), "bootId": hello.get("bootId"),
+                "steps": steps}
         path = Path(self.plan.container_dir) / "vm.json"
         with contextlib.suppress(OSError):
             tmp = path.with_name(".vm.json.tmp")
@@ -550,14 +567,21 @@ class VmBackend:
         return stream.pid, master
 
     def release(self) -> None:
-        """The container deleted in the guest, the guest powered off (its page cache is
-        written to the scratch disk first), QEMU gone; SIGKILL when it does not go."""
+        """The container deleted in the guest and its disks synced (the agent's
+        ``shutdown``), then QEMU ended (QMP ``quit``; an agent that did not sync powers
+        the guest off itself); SIGKILL when it does not go."""
         agent, vm = self.agent, self.vm
         self.agent = None
         self._created = False
         if agent is not None and vm is not None and vm.running:
+            synced = False
             with contextlib.suppress(Exception):
-                agent.call("shutdown", timeout=SHUTDOWN_TIMEOUT)
+                synced = bool(agent.call("shutdown", timeout=SHUTDOWN_TIMEOUT).get("synced"))
+            if synced:
+                # The guest unmounted and synced its disks: nothing left for its own
+                # power-off to do but cost time (a kernel shutdown under TCG).
+                with contextlib.suppress(Exception):
+                    vm.quit(SHUTDOWN_TIMEOUT)
             with contextlib.suppress(Exception):
                 vm.wait(SHUTDOWN_TIMEOUT)
         if agent is not None:

@@ -188,7 +188,7 @@ def ensure_template(assets: BootAssets, memory_mib: int = 512, cpus: int = 1, *,
             _recent_failure(failed)
         try:
             tpl = _build(assets, memory_mib, cpus, name, key, root=root,
-                         warm_seccomp=warm_seccomp or [], run_root=run_root)
+                         warm_seccomp=_warm_profiles(warm_seccomp), run_root=run_root)
         except IsoboxError as exc:
             # Remembered for a while: every container start would pay a failing boot.
             with contextlib.suppress(OSError):
@@ -198,6 +198,21 @@ def ensure_template(assets: BootAssets, memory_mib: int = 512, cpus: int = 1, *,
             failed.unlink()
         _prune(root, keep=key)
         return tpl
+
+
+def _warm_profiles(extra: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The engine's default seccomp profile (what most containers carry), then the
+    caller's: whoever builds the template first, its clones have the usual one compiled."""
+    from isobox._sys import seccomp
+    from isobox.spec.runtime import DEFAULT_CAPABILITIES
+
+    profiles = [seccomp.default_profile(DEFAULT_CAPABILITIES)]
+    keys = {seccomp.profile_key(profiles[0])}
+    for p in extra or []:
+        if seccomp.profile_key(p) not in keys:
+            profiles.append(p)
+            keys.add(seccomp.profile_key(p))
+    return profiles
 
 
 def _recent_failure(marker: Path) -> None:
