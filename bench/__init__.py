@@ -15,4 +15,5 @@ REGISTRY: dict[str, str] = {
     "network_cost": "bench.network_cost",
     "runtime_start": "bench.runtime_start",
     "vm_start": "bench.vm_start",
+    "vm_memory": "bench.vm_memory",
 }
