@@ -338,3 +338,27 @@ def test_fifty_vm_containers_at_once_each_answer_exec_and_leave_nothing(
     cli("rm", "-f", *ids, timeout=900)
     assert_nothing_left(isobox_env, daemon.run, ids, timeout=60)
     assert_no_vm_left(daemon.run, ids)
+
+
+@_marks
+def test_a_template_that_cannot_be_built_means_a_cold_boot_not_an_error(
+        isobox_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the template folder should be\n")
+    monkeypatch.setenv("ISOBOX_TEMPLATE_DIR", str(blocker / "templates"))
+    with short_run_dir() as run:
+        monkeypatch.setenv("ISOBOX_RUN", str(run))
+        d = Daemon.start(isobox_env, run)
+        try:
+            cli("image", "bootstrap", "busybox")
+            r = cli("run", "-d", "--isolation=vm", "--network", "none", "busybox", "echo", "ok")
+            cid = r.stdout.strip()
+            assert cli("wait", cid).stdout.strip() == "0"
+            info = vm_info(isobox_env, cid)
+            assert info["mode"] == "cold" and "no template" in info["coldReason"], info
+            assert cli("logs", cid).stdout == "ok\n"
+            cli("rm", cid)
+            assert_nothing_left(isobox_env, run, [cid])
+            assert_no_vm_left(run, [cid])
+        finally:
+            d.stop()
