@@ -65,8 +65,9 @@ def cli(*args: str, check: bool = True, timeout: float = 180,
     return r
 
 
-def qemus() -> list[int]:
-    """QEMU processes of isobox utility VMs on the host."""
+def qemus(run: Path) -> list[int]:
+    """QEMU processes of the utility VMs of the daemon on ``run`` (their sockets are under
+    it: another engine's or benchmark's VMs on this machine are not counted)."""
     out = []
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
@@ -74,15 +75,16 @@ def qemus() -> list[int]:
         with contextlib.suppress(OSError):
             cmd = (p / "cmdline").read_bytes()
             argv0 = cmd.split(b"\0")[0]
-            if argv0.rsplit(b"/", 1)[-1].startswith(b"qemu-system") and b"isobox-c-" in cmd:
+            if argv0.rsplit(b"/", 1)[-1].startswith(b"qemu-system") and b"isobox-c-" in cmd \
+                    and os.fsencode(run) + b"/" in cmd:
                 out.append(int(p.name))
     return out
 
 
-def no_qemu(timeout: float = 20.0) -> bool:
+def no_qemu(run: Path, timeout: float = 20.0) -> bool:
     """Every utility VM gone (a run's VM is released just after its exit is recorded)."""
     deadline = time.monotonic() + timeout
-    while qemus():
+    while qemus(run):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)
@@ -110,7 +112,7 @@ def test_same_output_under_process_and_vm_and_the_guest_kernel(daemon: Daemon) -
     assert vm.stdout == proc.stdout and "hi" in vm.stdout
     uname = cli("run", "--rm", *VM, "busybox", "uname", "-r").stdout.strip()
     assert uname.startswith("6.1.") and uname != os.uname().release
-    assert no_qemu()
+    assert no_qemu(daemon.run)
 
 
 def _inspect(ref: str) -> dict:  # type: ignore[type-arg]
@@ -139,7 +141,7 @@ def test_detached_sleep_is_no_host_process_and_the_verbs_work(daemon: Daemon) ->
         info = _wait_state(cid, "running")
         assert info["state"] == "running"
         assert host_processes_running(sleep) == []
-        vms = qemus()
+        vms = qemus(daemon.run)
         assert len(vms) == 1
         cmd = Path(f"/proc/{vms[0]}/cmdline").read_bytes().split(b"\0")
         assert cmd[cmd.index(b"-m") + 1] == b"256" and cmd[cmd.index(b"-smp") + 1] == b"2"
@@ -165,17 +167,17 @@ def test_detached_sleep_is_no_host_process_and_the_verbs_work(daemon: Daemon) ->
         info = _inspect(cid)
         assert info["state"] == "stopped" and time.monotonic() - t0 < 30
         assert info["exitCode"] == 137, info
-        assert no_qemu()
+        assert no_qemu(daemon.run)
         # Start again (same scratch disk), then kill and wait.
         cli("start", cid)
         assert _wait_state(cid, "running")["state"] == "running"
         cli("kill", cid)
         assert cli("wait", cid).stdout.strip() == "137"
-        assert no_qemu()
+        assert no_qemu(daemon.run)
     finally:
         cli("rm", "-f", cid, check=False)
     assert_nothing_left(daemon.root, daemon.run, [cid])
-    assert no_qemu()
+    assert no_qemu(daemon.run)
 
 
 @_e2e
@@ -211,7 +213,7 @@ def test_root_in_the_vm_reaches_only_its_mapped_dir(daemon: Daemon, tmp_path: Pa
     assert cap_eff & (1 << 21), hex(cap_eff)  # CAP_SYS_ADMIN
     assert r.stdout.splitlines()[0] == "host says hi" and r.stdout.endswith("0\ndone\n")
     assert (shared / "from-vm").read_text() == "vm-wrote\n"
-    assert no_qemu()
+    assert no_qemu(daemon.run)
 
 
 @_e2e
@@ -219,14 +221,14 @@ def test_qemu_killed_is_an_exit_with_an_error_and_nothing_leaks(daemon: Daemon) 
     cid = cli("run", "-d", *VM, "busybox", "sleep", "1000").stdout.strip()
     try:
         assert _wait_state(cid, "running")["state"] == "running"
-        vms = qemus()
+        vms = qemus(daemon.run)
         assert len(vms) == 1
         os.kill(vms[0], signal.SIGKILL)
         info = _wait_state(cid, "stopped", timeout=30)
         assert info["state"] == "stopped", info
         assert info["exitCode"] == 137 and info["error"] and "utility VM" in info["error"], \
             info
-        assert no_qemu()
+        assert no_qemu(daemon.run)
         run_uvm = daemon.run / "uvm"
         assert not run_uvm.exists() or not list(run_uvm.iterdir())
         assert not (daemon.run / "containers" / cid).exists()
@@ -286,7 +288,7 @@ def test_vm_on_the_default_network_has_the_endpoint_address_and_leaves_no_tap(
     assert named == [mine[0]], hosts
     assert rest.splitlines()[0] == "vmnet"
     assert f"default via {net['gateway']}" in rest and "gateway-answers" in rest, out
-    assert no_qemu()
+    assert no_qemu(daemon.run)
     assert host_taps() == before, "a tap is left"
     after = json.loads(cli("network", "inspect", "isobox").stdout)
     after = after[0] if isinstance(after, list) else after

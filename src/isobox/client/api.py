@@ -498,6 +498,8 @@ class ContainerCollection:
         return b"".join(p for k, p in chunks if k in wanted)
 
     def get(self, ref: str) -> Container:
+        if not ref:  # "" would name the collection, not a container
+            raise NotFound("no such container: '' (an empty name or id)")
         info = self.client.api.request("GET", f"/compute-systems/{quote_ref(ref)}").json()
         return Container(self.client, info)
 

@@ -229,7 +229,7 @@ class VmSpec(_Model):
 
     # Start the utility VM as a clone of a pre-booted template (the fast path); false
     # boots it cold (``--no-template``). A container that does not fit a clone's slots
-    # (more than 14 layers or 5 mapped folders) boots cold either way.
+    # (more than 14 layers or 4 mapped folders) boots cold either way.
     template: bool = True
 
 

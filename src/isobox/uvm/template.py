@@ -153,8 +153,11 @@ def load_template(assets: BootAssets, memory_mib: int, cpus: int, *,
 
 @contextlib.contextmanager
 def _locked(root: Path) -> Iterator[None]:
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise from_oserror("utility-VM templates folder", str(root), exc) from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
