@@ -54,7 +54,7 @@ MIB = 1024  # smaps counts kB
 
 ROLLUP = ("Pss", "Pss_Anon", "Pss_File", "Pss_Shmem", "Rss", "Private", "AnonHugePages")
 CATEGORIES = ("template RAM, shared", "template RAM, copied on write", "TCG code cache",
-              "other anonymous (heap, stacks, buffers)", "QEMU binary + libs", "other")
+              "QEMU heap", "other anonymous", "QEMU binary + libs", "other")
 
 
 def counts_from_env() -> list[int]:
@@ -103,10 +103,12 @@ def mappings(pid: int) -> list[Mapping]:
 
 
 def attribute(maps: Sequence[Mapping], template_dir: Path, qemu: str) -> tuple[
-        dict[str, int], dict[str, int]]:
-    """kB of Pss per category, and the largest "other" mappings by path."""
+        dict[str, int], dict[str, int], list[tuple[int, int, str]]]:
+    """kB of Pss per category; the "other" mappings' Pss by path; the anonymous mappings
+    of "other anonymous" as (size, Pss, perms), largest Pss first."""
     cats = dict.fromkeys(CATEGORIES, 0)
     other: dict[str, int] = {}
+    anon: list[tuple[int, int, str]] = []
     tdir = str(template_dir)
     for m in maps:
         pss = m.fields.get("Pss", 0)
@@ -118,14 +120,18 @@ def attribute(maps: Sequence[Mapping], template_dir: Path, qemu: str) -> tuple[
             cats["template RAM, shared"] += pss - copied
         elif anonymous and "x" in m.perms:
             cats["TCG code cache"] += pss
+        elif m.path == "[heap]":
+            cats["QEMU heap"] += pss
         elif anonymous:
-            cats["other anonymous (heap, stacks, buffers)"] += pss
+            cats["other anonymous"] += pss
+            anon.append((m.fields.get("Size", 0), pss, f"{m.perms} {m.path}".strip()))
         elif m.path == qemu or ".so" in m.path.rsplit("/", 1)[-1]:
             cats["QEMU binary + libs"] += pss
         else:
             cats["other"] += pss
             other[m.path] = other.get(m.path, 0) + pss
-    return cats, other
+    anon.sort(key=lambda a: -a[1])
+    return cats, other, anon
 
 
 def parent(pid: int) -> int:
@@ -280,10 +286,12 @@ def measure_level(fleet: Fleet, n: int, took: list[float], *, template_dir: Path
     others: dict[str, int] = {}
     monitors: dict[int, dict[str, int]] = {}
     daemon_pid = fleet.d.proc.pid if fleet.d.proc else -1
+    anon: list[tuple[int, int, str]] = []
     for pid in pids.values():
         rolls.append(rollup(pid))
-        c, other = attribute(mappings(pid), template_dir, qemu)
+        c, other, anon_maps = attribute(mappings(pid), template_dir, qemu)
         cats.append(c)
+        anon = anon or anon_maps  # the first VM's, as an example
         for path, kb in other.items():
             others[path] = others.get(path, 0) + kb
         with contextlib.suppress(OSError):
@@ -300,6 +308,10 @@ def measure_level(fleet: Fleet, n: int, took: list[float], *, template_dir: Path
         "rollup_mib": roll_mib,
         "categories_mib": cats_mib,
         "other_largest_mib_per_vm": {p: round(kb / n / MIB, 2) for p, kb in top_other},
+        "other_anonymous_example": {
+            "mappings": len(anon),
+            "largest (size MiB, Pss MiB)": [(round(sz / MIB, 2), round(p / MIB, 2))
+                                            for sz, p, _ in anon[:8]]},
         "template_ram_mib": ram_kb / MIB,
         "effective_mib": roll_mib["Pss"]["mean"] - shared + ram_kb / MIB / n,
         "monitor_pss_mib": (_stats([r["Pss"] / MIB for r in monitors.values()])
@@ -395,10 +407,18 @@ def run(config: Config) -> Report:
                      f"accelerator {', '.join(last['accel'])}."
                      if not any("not clones" in p for p in problems)
                      else "NOT every VM was a clone: see Problems.")
-        for lv in levels:
-            notes.append(f"N={lv['n']}: largest 'other' mappings per VM (MiB): "
-                         f"{lv['other_largest_mib_per_vm']}; host monitors (QEMU parents "
-                         f"that are not isoboxd): {lv['monitors']}")
+        ex_anon = last["other_anonymous_example"]
+        notes.append(f"'other anonymous' of one VM at N={last['n']}: {ex_anon['mappings']} "
+                     "anonymous mappings (thread stacks, TCG's translation-block tables, "
+                     "device and block-layer buffers, ...), the largest as (size MiB, Pss "
+                     f"MiB): {ex_anon['largest (size MiB, Pss MiB)']}.")
+        notes.append(f"'other' (per VM, MiB, at N={last['n']}): "
+                     f"{last['other_largest_mib_per_vm']} (the kernel and initrd files "
+                     "QEMU maps for -kernel/-initrd, vdso).")
+        notes.append("host monitor: each VM container's QEMU is the child of a host "
+                     "process of its own (a monitor, not isoboxd): "
+                     + ", ".join(f"{lv['monitors']} at N={lv['n']}" for lv in levels)
+                     + "; its Pss is the container's cost on top of the VM's.")
         notes.append("Pss counts each shared page once across its mappers, so the "
                      "template's pages that no clone maps (still in tmpfs) are in no Pss: "
                      "'Pss - shared template + file / N' replaces each VM's share of the "

@@ -498,17 +498,29 @@ def run(config: Config) -> Report:
         leftovers.append(f"template folder left: {vb.template_dir}")
 
     report.baseline_label = CLONE
+    by_name = {o.name: o for o in report.outcomes}
     for name, mode in ((CLONE, "clone"), (SDK, "clone"), (COLD, "cold")):
         if name in checks and checks[name] is None:
             n = len(watcher.of(name))
             report.notes.append(f"{name}: all {n} runs (warm-up included) checked in their "
                                 f"vm.json: mode={mode}.")
             if steps.get(name):
+                st = by_name[name].stats
+                top = sum(v for k, v in steps[name].items()
+                          if not k.startswith("guest.") and k != "to agent")
+                rest = (f"; the rest of the median run ({fmt_s(st.median)} - "
+                        f"{fmt_s(top)} = {fmt_s(st.median - top)}: the client's start and "
+                        "round trips, the container's run and exit, the VM's end, the "
+                        "removal) is not in vm.json" if st is not None else "")
                 report.notes.append(
-                    f"{name}, the daemon's steps (vm.json, median of the timed runs): "
-                    + ", ".join(f"{k} {fmt_s(v)}" for k, v in steps[name].items()) + ".")
+                    f"{name}, the daemon's steps to the container started (vm.json, median "
+                    "of the timed runs; guest.* are parts of create, 'to agent' = qemu + "
+                    "restore/boot + hello): "
+                    + ", ".join(f"{k} {fmt_s(v)}" for k, v in steps[name].items()) + rest
+                    + ".")
     report.notes.append(f"Accelerator of the VM runs (vm.json): {', '.join(sorted(accels))}.")
-    report.notes.append(f"{load_note} {os.cpu_count()} cores.")
+    report.notes.append(f"{load_note} The VM runs' QEMUs (one per run) are not counted as "
+                        f"the benchmark's either. {os.cpu_count()} cores.")
     report.notes += [f"LEFTOVER: {x}" for x in leftovers] or [
         "After the rounds every engine was stopped: no QEMU, process, mount or template of "
         "the benchmark was left."]
