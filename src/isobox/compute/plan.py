@@ -496,6 +496,8 @@ def vm_plan(doc: ComputeSystem, argv: list[str], env: list[str], cwd: str, *,
     mib, cpus = vm_size(doc)
     return {
         "memoryMib": mib, "cpus": cpus, "template": doc.vm.template,
+        # Removed when it stops: what is in the VM (its scratch disk too) is thrown away.
+        "autoRemove": doc.auto_remove,
         # Top first, as overlayfs' lowerdir lists them; each is one read-only disk.
         "layers": [str(p) for p in mounts.lower],
         "scratch": str(container_dir / SCRATCH_DISK),

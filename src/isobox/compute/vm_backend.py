@@ -573,6 +573,11 @@ class VmBackend:
         agent, vm = self.agent, self.vm
         self.agent = None
         self._created = False
+        if vm is not None and vm.running and self.plan.vm.get("autoRemove"):
+            # ``run --rm``: the container is removed next, its scratch disk with it; the
+            # guest has nothing to tidy or write down that anyone will read.
+            with contextlib.suppress(Exception):
+                vm.kill()
         if agent is not None and vm is not None and vm.running:
             synced = False
             with contextlib.suppress(Exception):
