@@ -396,3 +396,29 @@ def test_a_clone_with_every_share_slot_used_reads_and_writes_each(
     assert info["mode"] == "cold" and "share slots" in info["coldReason"], info
     cli("rm", cid2)
     assert_nothing_left(isobox_env, daemon.run, [cid, cid2])
+
+
+@_marks
+def test_a_template_qemu_cannot_restore_is_dropped_and_the_run_boots_cold(
+        template_dir: Path, daemon: Daemon, isobox_env: Path) -> None:
+    assert os.environ["ISOBOX_TEMPLATE_DIR"] == str(template_dir)  # set before the daemon
+    first = cli("run", "-d", "--isolation=vm", "--network", "none", "busybox", "true")
+    cid1 = first.stdout.strip()
+    cli("wait", cid1)
+    key = vm_info(isobox_env, cid1)["template"]
+    state = template_dir / key / "state"
+    state.write_bytes(b"QEVM not a device state\n")  # as a torn write or a bad disk leaves it
+    r = cli("run", "-d", "--isolation=vm", "--network", "none", "busybox", "echo", "still")
+    cid2 = r.stdout.strip()
+    assert cli("wait", cid2).stdout.strip() == "0"
+    info = vm_info(isobox_env, cid2)
+    assert info["mode"] == "cold" and "restoring template" in info["coldReason"], info
+    assert cli("logs", cid2).stdout == "still\n"
+    assert not (template_dir / key).exists()  # dropped: the next start builds it again
+    cid3 = cli("run", "-d", "--isolation=vm", "--network", "none", "busybox",
+               "true").stdout.strip()
+    cli("wait", cid3)
+    assert vm_info(isobox_env, cid3)["mode"] == "clone"
+    cli("rm", cid1, cid2, cid3)
+    assert_nothing_left(isobox_env, daemon.run, [cid1, cid2, cid3])
+    assert_no_vm_left(daemon.run, [cid1, cid2, cid3])

@@ -220,6 +220,7 @@ class VmBackend:
         self._live: dict[int, _Live] = {}
         self._lock = threading.Lock()
         self._created = False
+        self.cold_reason: str | None = None  # why this run's VM was not a clone
 
     # -- monitor hooks -----------------------------------------------------------------------
 
@@ -295,7 +296,26 @@ class VmBackend:
         self.agent = AgentClient(self.vm.agent, timeout=BOOT_TIMEOUT)
         self.vm.on_exit(self._vm_ended)
         if tpl is not None:
-            self.vm.restore(tpl.state, BOOT_TIMEOUT)
+            try:
+                self.vm.restore(tpl.state, BOOT_TIMEOUT)
+            except IsoboxError as exc:
+                # A template QEMU cannot load is no template: dropped (the next start
+                # builds it again) and this run boots cold, saying why.
+                from isobox.uvm.template import discard_template
+
+                discard_template(tpl)
+                self.agent.closed = True
+                self.vm.kill()
+                self.cold_reason = f"restoring template {tpl.key} failed: {exc}"[:2000]
+                tpl = None
+                cfg = VmConfig(memory_mib=int(v["memoryMib"]), cpus=int(v["cpus"]),
+                               disks=disks, shares=shares, tap=v.get("tap"), mac=v.get("mac"))
+                self.vm = UtilityVM(vm_id(self.plan.id), assets, cfg)
+                self.vm.start(BOOT_TIMEOUT)
+                assert self.vm.agent is not None
+                self.agent = AgentClient(self.vm.agent, timeout=BOOT_TIMEOUT)
+                self.vm.on_exit(self._vm_ended)
+        if tpl is not None:
             self.agent.adopt(tpl.protocol_version)
             mark("restore")
         else:
@@ -325,7 +345,7 @@ class VmBackend:
         stream = self.agent.create(self.plan.id, v["silo"], rootfs=rootfs, disks=mounts,
                                    tty=self.plan.tty, stdin=self.plan.stdin)
         mark("create")
-        marks.update({f"guest.{k}": v for k, v in stream.steps.items()})
+        marks.update({f"guest.{k}": secs for k, secs in stream.steps.items()})
         self._record_boot(tpl, seconds, hello, marks)
         self._created = True
         self.pid = stream.pid
@@ -338,7 +358,7 @@ class VmBackend:
         from isobox.uvm.template import ensure_template, fits
 
         v = self.plan.vm
-        self.cold_reason: str | None = None
+        self.cold_reason = None
         if v.get("template") is False:
             self.cold_reason = "asked for (--no-template)"
             return None
@@ -366,7 +386,7 @@ class VmBackend:
         assert self.vm is not None
         info = {"mode": "clone" if tpl is not None else "cold",
                 "template": tpl.key if tpl is not None else None,
-                "coldReason": getattr(self, "cold_reason", None),
+                "coldReason": self.cold_reason,
                 "accel": self.vm.accel_name, "qemuPid": self.vm.pid,
                 "secondsToAgent": round(seconds, 4), "bootId": hello.get("bootId"),
                 "steps": steps}

@@ -312,6 +312,12 @@ def _prune(root: Path, *, keep: str) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def discard_template(tpl: Template) -> None:
+    """Remove one template (QEMU refused its state): the next start builds it again."""
+    with contextlib.suppress(IsoboxError), _locked(tpl.dir.parent):
+        shutil.rmtree(tpl.dir, ignore_errors=True)
+
+
 def remove_templates() -> int:
     """Remove every template (``isobox uvm build --force``, tests); the count removed."""
     root = template_root()
@@ -349,5 +355,6 @@ def pad_layer(path: Path) -> None:
         os.truncate(path, LAYOUT.ro_disk_bytes)
 
 
-__all__ = ["Template", "ensure_template", "fits", "load_template", "pad_layer",
+__all__ = ["Template", "discard_template", "ensure_template", "fits", "load_template",
+           "pad_layer",
            "remove_templates", "template_key", "template_root"]
