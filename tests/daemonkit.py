@@ -452,3 +452,37 @@ def assert_nothing_left(root: Path, run: Path, ids: list[str], *, timeout: float
             break
         time.sleep(0.1)
     assert not left, "left behind:\n" + "\n".join(left)
+
+
+ISOBOX = str(Path(sys.executable).parent / "isobox")
+
+
+def isobox_cli(*args: str, check: bool = True, timeout: float = 180,
+               stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The ``isobox`` CLI against the daemon of ``$ISOBOX_RUN`` (never autostarting one);
+    with ``check`` a non-zero exit fails the test with the CLI's stderr."""
+    env = dict(os.environ, ISOBOX_AUTOSTART="0")
+    r = subprocess.run([ISOBOX, *args], capture_output=True, text=True, timeout=timeout,
+                       env=env, check=False, input=stdin)
+    if check:
+        assert r.returncode == 0, f"isobox {' '.join(args)}: {r.returncode}\n{r.stderr}"
+    return r
+
+
+@contextlib.contextmanager
+def busybox_daemon(root: Path, setenv: Any, *, rm_timeout: float = 180) -> Iterator[Daemon]:
+    """An isoboxd on ``root`` and a short run folder (``setenv("ISOBOX_RUN", ...)``, e.g.
+    monkeypatch's), busybox bootstrapped; every container removed and the daemon stopped
+    afterwards."""
+    with short_run_dir() as run:
+        setenv("ISOBOX_RUN", str(run))
+        d = Daemon.start(root, run)
+        try:
+            isobox_cli("image", "bootstrap", "busybox")
+            yield d
+        finally:
+            with contextlib.suppress(Exception):
+                ids = isobox_cli("ps", "-aq", check=False).stdout.split()
+                if ids:
+                    isobox_cli("rm", "-f", *ids, check=False, timeout=rm_timeout)
+            d.stop()

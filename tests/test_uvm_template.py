@@ -11,11 +11,9 @@ isoboxd, eight VM containers cloned at once each have their own random bytes, MA
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,10 +21,7 @@ from typing import Any
 
 import pytest
 
-from daemonkit import Daemon, assert_nothing_left, short_run_dir
-
-ISOBOX = str(Path(sys.executable).parent / "isobox")
-
+from daemonkit import Daemon, assert_nothing_left, busybox_daemon, isobox_cli, short_run_dir
 
 # ---- unit: the slot layout -----------------------------------------------------------------
 
@@ -225,27 +220,12 @@ def test_a_stale_template_is_rebuilt(template_dir: Path, tmp_path: Path,
 
 @pytest.fixture
 def daemon(isobox_env: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
-    with short_run_dir() as run:
-        monkeypatch.setenv("ISOBOX_RUN", str(run))
-        d = Daemon.start(isobox_env, run)
-        try:
-            cli("image", "bootstrap", "busybox")
-            yield d
-        finally:
-            with contextlib.suppress(Exception):
-                ids = cli("ps", "-aq", check=False).stdout.split()
-                if ids:
-                    cli("rm", "-f", *ids, check=False, timeout=600)
-            d.stop()
+    with busybox_daemon(isobox_env, monkeypatch.setenv, rm_timeout=600) as d:
+        yield d
 
 
 def cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, ISOBOX_AUTOSTART="0")
-    r = subprocess.run([ISOBOX, *args], capture_output=True, text=True, timeout=timeout,
-                       env=env, check=False)
-    if check:
-        assert r.returncode == 0, f"isobox {' '.join(args)}: {r.returncode}\n{r.stderr}"
-    return r
+    return isobox_cli(*args, check=check, timeout=timeout)
 
 
 def vm_info(root: Path, cid: str) -> dict[str, Any]:

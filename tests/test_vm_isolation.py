@@ -13,8 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from daemonkit import Daemon, assert_nothing_left, short_run_dir
+from daemonkit import Daemon, assert_nothing_left, busybox_daemon, isobox_cli
 
 E2E = [pytest.mark.root, pytest.mark.overlay, pytest.mark.cgroup1, pytest.mark.vm,
        pytest.mark.slow]
@@ -35,34 +33,16 @@ def _e2e(fn: Any) -> Any:
     return fn
 
 
-ISOBOX = str(Path(sys.executable).parent / "isobox")
 VM = ["--isolation=vm", "--network", "none"]
 
 
 @pytest.fixture
 def daemon(isobox_env: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
-    with short_run_dir() as run:
-        monkeypatch.setenv("ISOBOX_RUN", str(run))
-        d = Daemon.start(isobox_env, run)
-        try:
-            cli("image", "bootstrap", "busybox")
-            yield d
-        finally:
-            with contextlib.suppress(Exception):
-                ids = cli("ps", "-aq", check=False).stdout.split()
-                if ids:
-                    cli("rm", "-f", *ids, check=False)
-            d.stop()
+    with busybox_daemon(isobox_env, monkeypatch.setenv) as d:
+        yield d
 
 
-def cli(*args: str, check: bool = True, timeout: float = 180,
-        stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, ISOBOX_AUTOSTART="0")
-    r = subprocess.run([ISOBOX, *args], capture_output=True, text=True, timeout=timeout,
-                       env=env, check=False, input=stdin)
-    if check:
-        assert r.returncode == 0, f"isobox {' '.join(args)}: {r.returncode}\n{r.stderr}"
-    return r
+cli = isobox_cli
 
 
 def qemus(run: Path) -> list[int]:
