@@ -161,6 +161,11 @@ def probe_net() -> tuple[bool, str]:
 # Utility-VM assets are shared by every test (a build takes ~10 s and 120 MB): they live
 # outside the per-test ISOBOX_ROOT, rebuilt there only when an input changes.
 UVM_TEST_DIR = os.environ.setdefault("ISOBOX_UVM_DIR", "/var/tmp/isobox-test-uvm")
+# Utility-VM templates of a test run: built once per run (a boot each), in tmpfs like the
+# engine's own, and removed when the run ends (guest RAM files: hundreds of MiB of RAM).
+_OWN_TEMPLATES = "ISOBOX_TEMPLATE_DIR" not in os.environ
+TEMPLATE_TEST_DIR = os.environ.setdefault("ISOBOX_TEMPLATE_DIR",
+                                          f"/dev/shm/isobox-test-templates-{os.getpid()}")
 
 
 @functools.cache
@@ -319,9 +324,14 @@ def stop_daemons_under(base: Path, timeout: float = 10.0) -> list[int]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_daemon_outlives_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Module-scoped fixtures may start daemons too: none outlives the test session."""
+    """Module-scoped fixtures may start daemons too: none outlives the test session (nor
+    the run's utility-VM templates)."""
     yield
     stop_daemons_under(tmp_path_factory.getbasetemp())
+    if _OWN_TEMPLATES:
+        import shutil
+
+        shutil.rmtree(TEMPLATE_TEST_DIR, ignore_errors=True)
 
 
 def set_paths(doc: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:

@@ -272,11 +272,14 @@ def test_boots_under_tcg_and_imports_the_guest_code(tmp_path: Path) -> None:
 def test_uvm_cli_build_and_info(clone: Path) -> None:
     env = {**os.environ, "ISOBOX_ROOT": str(clone), "ISOBOX_UVM_DIR": ""}
     isobox = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "isobox")
-    out = subprocess.run([isobox, "uvm", "build"], env=env, capture_output=True, text=True,
-                         check=True, timeout=120).stdout
+    built = subprocess.run([isobox, "uvm", "build"], env=env, capture_output=True,
+                           text=True, check=False, timeout=180)
+    assert built.returncode == 0, built.stderr[-2000:]
+    out = built.stdout
     # the CLI builds from the live src/isobox, which may differ from the snapshot
     assert ("reused (cache hit)" in out or " built in " in out), out
     assert "uvm.erofs" in out and "MB" in out
+    assert "VM template " in out and "(512 MiB, 1 vCPU" in out, out  # the default one
     out = subprocess.run([isobox, "uvm", "info", "--json"], env=env, capture_output=True,
                          text=True, check=True, timeout=60).stdout
     assert '"key"' in out and uvm_assets.KERNEL_FILE in out

@@ -26,7 +26,8 @@ def uvm() -> None:
 
 
 @uvm.command("build")
-@click.option("--force", is_flag=True, help="Rebuild even when the cached assets match.")
+@click.option("--force", is_flag=True, help="Rebuild even when the cached assets match (and "
+              "remove every VM template; the default one is built again).")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the assets folder.")
 @click.option("--no-template", "no_template", is_flag=True,
               help="Do not build the default VM template (512 MiB, 1 vCPU) now; the first "
@@ -68,8 +69,12 @@ def build(force: bool, quiet: bool, no_template: bool) -> None:
 
 
 def _build_template(assets: object, force: bool) -> None:
-    from isobox.uvm.template import ensure_template
+    from isobox.uvm.template import ensure_template, remove_templates, template_root
 
+    if force:  # every template goes (their guest RAM is tmpfs); the default one is rebuilt
+        n = remove_templates()
+        if n:
+            click.echo(f"  removed {n} VM template(s) from {template_root()}")
     t0 = time.monotonic()
     try:
         tpl = ensure_template(assets, 512, 1, force=force)  # type: ignore[arg-type]

@@ -355,9 +355,15 @@ class UtilityVM:
         self.qmp_socket_path = self.config.qmp_socket or self.run_dir / "qmp.sock"
         self.console_path = self.run_dir / "console.log"
         self.pid_path = self.run_dir / "qemu.pid"  # for crash recovery: whose VM is this
-        for p in (self.agent_socket_path, self.qmp_socket_path):
-            if len(os.fsencode(p)) > _SUN_PATH_MAX:
-                raise InvalidArgument(f"socket path too long for a unix socket: {p}")
+        # A run folder too deep for sun_path (108 bytes) is reached through a descriptor of
+        # it, by its number in /proc/self/fd, which QEMU inherits with the same number.
+        self._long = any(len(os.fsencode(p)) > _SUN_PATH_MAX
+                         for p in (self.agent_socket_path, self.qmp_socket_path))
+        if self._long and not all(p.parent == self.run_dir for p in (
+                self.agent_socket_path, self.qmp_socket_path)):
+            raise InvalidArgument("socket path too long for a unix socket: "
+                                  f"{self.agent_socket_path}, {self.qmp_socket_path}")
+        self._dirfd = -1
         self.agent: socket.socket | None = None  # the connected agent channel, after start()
         self.connect_seconds: float | None = None  # spawn -> QEMU connected the agent socket
         self._proc: subprocess.Popen[bytes] | None = None
@@ -377,6 +383,12 @@ class UtilityVM:
         if self._accel is None:
             self._accel = probe(assets=self.assets)
         return self._accel if isinstance(self._accel, str) else self._accel.name
+
+    def _sock(self, path: Path) -> str:
+        """The name to bind or connect ``path`` by (in this process and in QEMU)."""
+        if self._dirfd >= 0:
+            return f"/proc/self/fd/{self._dirfd}/{path.name}"
+        return str(path)
 
     def argv(self) -> list[str]:
         """The full QEMU command line (docs/uvm-design.md section 4)."""
@@ -400,12 +412,13 @@ class UtilityVM:
             "-append", cmdline,
             "-chardev", f"file,id=console,path={_opt(self.console_path)},append=on",
             "-serial", "chardev:console",
-            "-qmp", f"unix:{_opt(self.qmp_socket_path)},server=on,wait=off",
+            "-qmp", f"unix:{_opt(self._sock(self.qmp_socket_path))},server=on,wait=off",
             "-drive", f"id=img,file={_opt(self.assets.image)},format=raw,if=none,"
                       "readonly=on,cache=unsafe",
             "-device", f"virtio-blk-device,drive=img,serial={IMAGE_SERIAL}",
             "-device", "virtio-serial-device,max_ports=2",
-            "-chardev", f"socket,id=agent,path={_opt(self.agent_socket_path)},server=off",
+            "-chardev", f"socket,id=agent,path={_opt(self._sock(self.agent_socket_path))},"
+                        "server=off",
             "-device", f"virtserialport,id={AGENT_PORT},chardev=agent,name={AGENT_PORT}",
             "-device", "virtio-rng-device",
         ]
@@ -493,14 +506,16 @@ class UtilityVM:
         QEMU is killed, everything is removed, and :class:`VmError` says why."""
         if self._proc is not None:
             raise Conflict(f"VM {self.id} was already started")
-        argv = self.argv()
         self._make_run_dir()
+        if self._long:
+            self._dirfd = os.open(self.run_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
+            argv = self.argv()
             for p in (self.agent_socket_path, self.qmp_socket_path):
                 if p.exists() or p.is_symlink():
                     raise Conflict(f"VM {self.id}: {p} exists (another VM's socket?)")
             self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            self._listener.bind(str(self.agent_socket_path))
+            self._listener.bind(self._sock(self.agent_socket_path))
             self._made.append(self.agent_socket_path)
             self._listener.listen(1)
             self._made += [self.qmp_socket_path, self.console_path, self.pid_path]
@@ -508,8 +523,9 @@ class UtilityVM:
                               os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             try:
                 self.started_at = time.monotonic()
-                self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console,
-                                              stderr=console, start_new_session=True)
+                self._proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=console, stderr=console,
+                    start_new_session=True, pass_fds=(self._dirfd,) if self._dirfd >= 0 else ())
             finally:
                 os.close(console)
         except OSError as exc:
@@ -588,7 +604,8 @@ class UtilityVM:
                 raise self._dead("QEMU exited before QMP answered")
             if self.qmp_socket_path.exists():
                 try:
-                    qmp.connect(self.qmp_socket_path, max(deadline - time.monotonic(), 0.1))
+                    qmp.connect(Path(self._sock(self.qmp_socket_path)),
+                                max(deadline - time.monotonic(), 0.1))
                     self._qmp = qmp
                     return
                 except Exception as exc:
@@ -639,6 +656,10 @@ class UtilityVM:
         for p in self._made:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+        if self._dirfd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._dirfd)
+            self._dirfd = -1
         if self._made_dir:
             with contextlib.suppress(OSError):
                 self.run_dir.rmdir()
