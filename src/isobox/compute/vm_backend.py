@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from isobox.agent.client import AgentClient, ProcessStream
     from isobox.jobs.cgroup import Cgroup
     from isobox.uvm.template import Template
-    from isobox.uvm.vm import ExitInfo, UtilityVM
+    from isobox.uvm.vm import ExitInfo, UtilityVM, VmConfig
 
 SCRATCH_SIZE = 1 << 30  # sparse: only what the container writes is allocated
 BOOT_TIMEOUT = 120.0  # TCG is slow; a healthy boot takes ~4 s here
@@ -246,9 +246,8 @@ class VmBackend:
     # -- create --------------------------------------------------------------------------------
 
     def create(self, io: ChildIO) -> int | None:
-        from isobox.agent.client import AgentClient
         from isobox.uvm.assets import load_assets
-        from isobox.uvm.vm import Disk, Share, UtilityVM, VmConfig
+        from isobox.uvm.vm import Disk, Share, VmConfig
 
         v = self.plan.vm
         t0 = time.monotonic()
@@ -279,22 +278,19 @@ class VmBackend:
         mark("prepare")  # assets, layer disks, scratch disk, the template (a build: seconds)
         started = time.monotonic()
         hostname = (v.get("silo") or {}).get("hostname") or None
+        cold = VmConfig(memory_mib=int(v["memoryMib"]), cpus=int(v["cpus"]), disks=disks,
+                        shares=shares, tap=v.get("tap"), mac=v.get("mac"))
         if tpl is not None:
             from isobox.uvm.template import pad_layer
 
             for p in layers:
                 pad_layer(p)
-            cfg = tpl.clone_config(disks=disks, shares=shares, tap=v.get("tap"),
-                                   mac=v.get("mac"))
+            self._launch(assets, tpl.clone_config(disks=disks, shares=shares,
+                                                  tap=v.get("tap"), mac=v.get("mac")))
         else:
-            cfg = VmConfig(memory_mib=int(v["memoryMib"]), cpus=int(v["cpus"]), disks=disks,
-                           shares=shares, tap=v.get("tap"), mac=v.get("mac"))
-        self.vm = UtilityVM(vm_id(self.plan.id), assets, cfg)
-        self.vm.start(BOOT_TIMEOUT)
+            self._launch(assets, cold)
         mark("qemu")  # spawn until QEMU connected the agent channel and QMP answers
-        assert self.vm.agent is not None
-        self.agent = AgentClient(self.vm.agent, timeout=BOOT_TIMEOUT)
-        self.vm.on_exit(self._vm_ended)
+        assert self.vm is not None and self.agent is not None
         if tpl is not None:
             try:
                 self.vm.restore(tpl.state, BOOT_TIMEOUT)
@@ -308,13 +304,7 @@ class VmBackend:
                 self.vm.kill()
                 self.cold_reason = f"restoring template {tpl.key} failed: {exc}"[:2000]
                 tpl = None
-                cfg = VmConfig(memory_mib=int(v["memoryMib"]), cpus=int(v["cpus"]),
-                               disks=disks, shares=shares, tap=v.get("tap"), mac=v.get("mac"))
-                self.vm = UtilityVM(vm_id(self.plan.id), assets, cfg)
-                self.vm.start(BOOT_TIMEOUT)
-                assert self.vm.agent is not None
-                self.agent = AgentClient(self.vm.agent, timeout=BOOT_TIMEOUT)
-                self.vm.on_exit(self._vm_ended)
+                self._launch(assets, cold)
         if tpl is not None:
             self.agent.adopt(tpl.protocol_version)
             mark("restore")
@@ -350,6 +340,17 @@ class VmBackend:
         self._created = True
         self.pid = stream.pid
         return self._bridge(stream, io)
+
+    def _launch(self, assets: Any, cfg: VmConfig) -> None:
+        """Spawn QEMU for ``cfg`` and attach the agent client (not yet spoken to)."""
+        from isobox.agent.client import AgentClient
+        from isobox.uvm.vm import UtilityVM
+
+        self.vm = UtilityVM(vm_id(self.plan.id), assets, cfg)
+        self.vm.start(BOOT_TIMEOUT)
+        assert self.vm.agent is not None
+        self.agent = AgentClient(self.vm.agent, timeout=BOOT_TIMEOUT)
+        self.vm.on_exit(self._vm_ended)
 
     def _template(self, assets: Any, layers: list[Path]) -> Template | None:
         """The template this run clones, or None for a cold boot: asked for
