@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from daemonkit import Daemon, assert_nothing_left, busybox_daemon, isobox_cli, short_run_dir
+from daemonkit import Daemon, assert_nothing_left, busybox_daemon, isobox_cli
 
 # ---- unit: the slot layout -----------------------------------------------------------------
 
@@ -329,22 +329,16 @@ def test_a_template_that_cannot_be_built_means_a_cold_boot_not_an_error(
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the template folder should be\n")
     monkeypatch.setenv("ISOBOX_TEMPLATE_DIR", str(blocker / "templates"))
-    with short_run_dir() as run:
-        monkeypatch.setenv("ISOBOX_RUN", str(run))
-        d = Daemon.start(isobox_env, run)
-        try:
-            cli("image", "bootstrap", "busybox")
-            r = cli("run", "-d", "--isolation=vm", "--network", "none", "busybox", "echo", "ok")
-            cid = r.stdout.strip()
-            assert cli("wait", cid).stdout.strip() == "0"
-            info = vm_info(isobox_env, cid)
-            assert info["mode"] == "cold" and "no template" in info["coldReason"], info
-            assert cli("logs", cid).stdout == "ok\n"
-            cli("rm", cid)
-            assert_nothing_left(isobox_env, run, [cid])
-            assert_no_vm_left(run, [cid])
-        finally:
-            d.stop()
+    with busybox_daemon(isobox_env, monkeypatch.setenv) as d:
+        r = cli("run", "-d", "--isolation=vm", "--network", "none", "busybox", "echo", "ok")
+        cid = r.stdout.strip()
+        assert cli("wait", cid).stdout.strip() == "0"
+        info = vm_info(isobox_env, cid)
+        assert info["mode"] == "cold" and "no template" in info["coldReason"], info
+        assert cli("logs", cid).stdout == "ok\n"
+        cli("rm", cid)
+        assert_nothing_left(isobox_env, d.run, [cid])
+        assert_no_vm_left(d.run, [cid])
 
 
 @_marks
