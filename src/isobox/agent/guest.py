@@ -48,7 +48,7 @@ import struct
 import sys
 import termios
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -58,7 +58,7 @@ from isobox._sys import linux as L
 from isobox.errors import Conflict, InvalidArgument, IsoboxError, NotFound
 from isobox.silo.config import SiloConfig, from_json
 from isobox.silo.container import Container
-from isobox.silo.init import receive_console
+from isobox.silo.init import receive_console, stdio_as
 from isobox.silo.procinfo import process_entry
 
 READ_SIZE = 65536
@@ -106,24 +106,6 @@ def exit_status(status: int) -> tuple[int, int | None]:
         sig = os.WTERMSIG(status)
         return 128 + sig, sig
     return os.waitstatus_to_exitcode(status), None
-
-
-
-@contextlib.contextmanager
-def _as_stdio(fds: tuple[int | None, int | None, int | None]) -> Iterator[None]:
-    """Point this process's 0/1/2 at ``fds`` (None: /dev/null) for the call: the silo's
-    init and exec_in's intermediate take their stdio from their caller."""
-    saved = [os.dup(fd) for fd in (0, 1, 2)]
-    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        for target, given in zip((0, 1, 2), fds, strict=True):
-            os.dup2(null if given is None else given, target)
-        yield
-    finally:
-        for target, fd in zip((0, 1, 2), saved, strict=True):
-            os.dup2(fd, target)
-            os.close(fd)
-        os.close(null)
 
 
 def find_port(name: str) -> str:
@@ -459,7 +441,7 @@ class Agent:
                 proc.outputs[proc.master] = P.STDOUT
             else:
                 ends = self._pipes(proc, bool(req.get("stdin")), child)
-                with _as_stdio(ends):
+                with stdio_as(ends):
                     box.container = Container.create(self.state_root, cid,
                                                      Path(cfg.root).parent, cfg)
         except BaseException:
@@ -560,7 +542,7 @@ class Agent:
         try:
             listener.bind(str(console))
             listener.listen(1)
-            with _as_stdio((None, None, None)):
+            with stdio_as((None, None, None)):
                 c = Container.create(self.state_root, box.id, Path(box.cfg.root).parent,
                                      box.cfg, console_socket=str(console))
             box.container = c
@@ -602,7 +584,7 @@ class Agent:
                 ends: tuple[int | None, int | None, int | None] = (None, None, None)
             else:
                 ends = self._pipes(proc, bool(spec.get("stdin")), child)
-            with _as_stdio(ends):
+            with stdio_as(ends):
                 proc.pid = exec_in(c.state.pid, c.cgroup, proc_cfg, detach=True,
                                    console_socket=theirs, user_ns=c.state.user_ns)
             if ours is not None and theirs is not None:

@@ -22,7 +22,6 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -80,23 +79,11 @@ def make_backend(plan: Plan) -> Backend:
 
 
 
-@contextlib.contextmanager
-def _as_stdio(io: ChildIO) -> Iterator[None]:
+def _as_stdio(io: ChildIO) -> contextlib.AbstractContextManager[None]:
     """Point this process's 0/1/2 at ``io`` for the duration (restored after)."""
-    saved = [os.dup(fd) for fd in (0, 1, 2)]
-    null = -1
-    try:
-        for target, given in zip((0, 1, 2), (io.stdin, io.stdout, io.stderr), strict=True):
-            if given is None and null < 0:
-                null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-            os.dup2(null if given is None else given, target)
-        yield
-    finally:
-        for target, fd in zip((0, 1, 2), saved, strict=True):
-            os.dup2(fd, target)
-            os.close(fd)
-        if null >= 0:
-            os.close(null)
+    from isobox.silo.init import stdio_as
+
+    return stdio_as((io.stdin, io.stdout, io.stderr))
 
 
 def _check_dir(root: str, cwd: str) -> None:

@@ -37,7 +37,7 @@ import json
 import os
 import socket
 import termios
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -361,3 +361,24 @@ def _setup_terminal(console: socket.socket | None) -> None:
     slave, _ = pty_to_console(console)
     fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
     slave_on_stdio(slave)
+
+
+@contextlib.contextmanager
+def stdio_as(fds: tuple[int | None, int | None, int | None]) -> Iterator[None]:
+    """Point this process's 0/1/2 at ``fds`` (None: /dev/null) for the call, restored
+    after: the init and exec's intermediate take their stdio from their caller (the host's
+    monitor, the guest agent), which must be single-threaded while this lasts."""
+    saved = [os.dup(fd) for fd in (0, 1, 2)]
+    null = -1
+    try:
+        for target, given in zip((0, 1, 2), fds, strict=True):
+            if given is None and null < 0:
+                null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            os.dup2(null if given is None else given, target)
+        yield
+    finally:
+        for target, fd in zip((0, 1, 2), saved, strict=True):
+            os.dup2(fd, target)
+            os.close(fd)
+        if null >= 0:
+            os.close(null)
